@@ -1,0 +1,3 @@
+from revsd.cli import main
+
+raise SystemExit(main())
