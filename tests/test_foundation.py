@@ -87,3 +87,10 @@ def test_append_csv_row_writes_header_once(tmp_path):
     append_csv_row(f, {"epoch": 1, "val_cos": 0.5})
     append_csv_row(f, {"epoch": 2, "val_cos": 0.6})
     assert f.read_text().splitlines() == ["epoch,val_cos", "1,0.5", "2,0.6"]
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    p = write_json(tmp_path / "x.json", {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask

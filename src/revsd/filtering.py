@@ -1,0 +1,297 @@
+"""01_filter: the paper's prompt-cleaning rules, near-duplicate removal, grouped train/val/test splits and folds.
+
+Rules, applied in order, each reported with the row count after it (``filter_report.csv``):
+
+1. ``strip_whitespace``: leading/trailing whitespace removed (inner spacing untouched).
+2. ``min_words_null``: drop prompts with fewer than one word (no letter or digit) or that "contain Null/NaN".
+   We read the paper as meaning missing values and their serialised forms, not the English words: a prompt is
+   dropped if it is missing, if its whole text is a null literal (``nan``, ``null``, ``none``, ``<na>``, any
+   case), or if it holds ``NaN``/``NULL``/``Null`` as a standalone word in exactly that casing (a template
+   filled with a missing value). Lower-case words inside a longer prompt are kept ("nan goldin", "null space").
+3. ``near_duplicates``: two prompts are near duplicates if both have >= ``near_dup_chars`` characters and
+   their first ``near_dup_chars`` characters are identical, or their last ones are. Clusters are the connected
+   components of that relation (identical long prompts included); one row per cluster is kept: the one with
+   the smallest ``image_id`` (independent of table order). ``near_dup_chars = 0`` turns the rule off.
+4. ``embed_dedup`` (optional): MiniLM cosine >= ``embed_dedup_threshold`` links prompts; one per component kept.
+5. ``bad_images``: images that do not decode are written to ``bad_images.csv`` and skipped.
+
+Splits: ``group`` = connected components of {identical prompt, near-duplicate relation, ``group_column``
+value (e.g. artist) when present}; groups are shuffled with ``seed`` and cut by cumulative row count into
+test / val / train, then train groups are cut the same way into ``n_folds`` folds, so no group straddles two
+splits or folds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from tqdm.auto import tqdm
+
+from revsd import paths
+from revsd.artifacts import atomic_path, save_parquet
+from revsd.config import StageConfig
+from revsd.data import DataError, check_images, load_dataset
+
+log = logging.getLogger(__name__)
+
+STAGE = "01_filter"
+NULL_LITERALS = ("nan", "null", "none", "<na>")
+NULL_WORD_RE = r"\b(?:NaN|NULL|Null)\b"
+WORD_RE = r"[^\W_]"  # a letter or digit, any script
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig(StageConfig):
+    exp: str = "demo"  # experiment name: outputs go to working/01_filter/<exp>/
+    source: str = "sample"  # "sample" = input/sample; else a folder relative to the input dir, or absolute
+    fmt: str = "auto"  # auto | diffusiondb | kaggle
+    limit: int = 0  # 0 = all rows; smoke mode keeps the first N loaded rows
+    near_dup_chars: int = 50  # shared leading/trailing characters that make two prompts near duplicates; 0 = off
+    embed_dedup_threshold: float = 0.0  # 0 = off; else MiniLM cosine >= this marks near duplicates
+    group_column: str = "artist"  # extra grouping key when the table has it ("" = none)
+    val_size: float = 30 / 730  # fraction of rows (whole groups) for validation; paper 30k of 730k
+    test_size: float = 30 / 730  # fraction of rows (whole groups) for the held-out test split
+    n_folds: int = 5  # K folds over the train split, grouped
+    seed: int = 0  # shuffles groups before splitting
+    check_images: bool = True  # decode every image; unreadable ones go to bad_images.csv and are skipped
+
+
+# ---------------------------------------------------------------------------------------------- text rules
+
+
+def strip_prompts(prompts: pd.Series) -> pd.Series:
+    """Rule 1: strip leading/trailing whitespace; missing values stay missing."""
+    return prompts.str.strip()
+
+
+def valid_prompt_mask(prompts: pd.Series) -> np.ndarray:
+    """Rule 2: True for prompts with at least one word and no Null/NaN (see the module docstring)."""
+    s = prompts.astype("string")
+    ok = (s.notna() & ~s.str.lower().isin(NULL_LITERALS)).fillna(False).to_numpy(dtype=bool, copy=True)
+    # Unicode-aware regexes are slow on millions of rows: run them only where a cheap test is inconclusive.
+    no_ascii_word = ~s.str.contains("[A-Za-z0-9]", regex=True).fillna(False).to_numpy(dtype=bool)
+    check = ok & no_ascii_word
+    ok[check] = s[check].str.contains(WORD_RE, regex=True).to_numpy(dtype=bool)
+    maybe_null = s.str.contains("NaN|NULL|Null", regex=True).fillna(False).to_numpy(dtype=bool)
+    check = ok & maybe_null
+    ok[check] = ~s[check].str.contains(NULL_WORD_RE, regex=True).to_numpy(dtype=bool)
+    return ok
+
+
+def _key_codes(keys: pd.Series) -> np.ndarray:
+    """Integer code per row for a key column (-1 where the key is missing)."""
+    codes, _ = pd.factorize(keys, use_na_sentinel=True)
+    return codes
+
+
+def _affix_codes(prompts: pd.Series, n: int) -> list[np.ndarray]:
+    """Codes of the first and of the last ``n`` characters (-1 for prompts shorter than ``n``)."""
+    if n <= 0:
+        return []
+    long = prompts.str.len().to_numpy() >= n
+    out = []
+    for key in (prompts.str[:n], prompts.str[-n:]):
+        codes = _key_codes(key)
+        codes[~long] = -1
+        out.append(codes)
+    return out
+
+
+def components(n: int, key_codes: list[np.ndarray]) -> np.ndarray:
+    """Connected components of rows linked by sharing any key (codes >= 0); returns a label per row.
+
+    Rows and key values form a bipartite graph, so the transitive closure costs one sparse graph pass.
+    """
+    rows, cols, offset = [np.arange(n)], [np.arange(n)], n
+    for codes in key_codes:
+        m = codes >= 0
+        rows.append(np.flatnonzero(m))
+        cols.append(codes[m] + offset)
+        offset += int(codes.max(initial=-1)) + 1
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = sp.coo_matrix((np.ones(len(r), dtype=bool), (r, c)), shape=(offset, offset))
+    _, labels = connected_components(graph, directed=False)
+    return labels[:n]
+
+
+def near_duplicate_clusters(prompts: pd.Series, n_chars: int = 50) -> np.ndarray:
+    """Rule 3 clusters: a label per row; rows sharing the first or last ``n_chars`` characters share a label."""
+    return components(len(prompts), _affix_codes(prompts.reset_index(drop=True), n_chars))
+
+
+def _id_rank(image_ids) -> np.ndarray:
+    """Rank of each (unique) image_id in sorted order, as integers (cheaper to compare than strings)."""
+    ids = pa.array(pd.Series(image_ids).astype(str))
+    return pc.rank(ids, sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64) - 1
+
+
+def keep_one_per_cluster(labels: np.ndarray, image_ids: pd.Series) -> np.ndarray:
+    """Mask keeping, in each cluster, the row with the smallest image_id."""
+    labels = np.asarray(labels)
+    order = np.lexsort((_id_rank(image_ids), labels))
+    first = order[np.r_[True, labels[order][1:] != labels[order][:-1]]] if len(order) else order
+    keep = np.zeros(len(labels), dtype=bool)
+    keep[first] = True
+    return keep
+
+
+def embedding_clusters(emb: np.ndarray, threshold: float, block: int | None = None) -> np.ndarray:
+    """Components of the graph "cosine >= threshold" over L2-normalised rows (blockwise, O(n^2) dot products).
+
+    ``block`` rows at a time; by default sized so one similarity block stays near 256 MB.
+    """
+    emb = np.asarray(emb, dtype=np.float32)
+    n = len(emb)
+    block = block or max(1, 2**26 // max(n, 1))
+    rows, cols = [], []
+    for start in tqdm(range(0, n, block), desc="embed dedup", unit="block", disable=n <= block):
+        sims = emb[start:start + block] @ emb.T
+        r, c = np.nonzero(sims >= threshold)
+        rows.append(r + start)
+        cols.append(c)
+    r, c = (np.concatenate(rows), np.concatenate(cols)) if rows else (np.zeros(0, int), np.zeros(0, int))
+    graph = sp.coo_matrix((np.ones(len(r), dtype=bool), (r, c)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def assign_groups(df: pd.DataFrame, near_dup_chars: int = 50, group_column: str = "") -> pd.Series:
+    """``group`` label per row: components of identical prompt ∪ near-duplicate relation ∪ group_column value.
+
+    Labels are ``g<k>``, numbered by each group's smallest image_id (stable under row order).
+    """
+    prompts = df["prompt"].reset_index(drop=True)
+    keys = [_key_codes(prompts), *_affix_codes(prompts, near_dup_chars)]
+    if group_column and group_column in df.columns:
+        keys.append(_key_codes(df[group_column].reset_index(drop=True)))
+    labels = components(len(df), keys)
+    first_id = pd.Series(_id_rank(df["image_id"])).groupby(labels).transform("min").to_numpy()
+    number = np.unique(first_id, return_inverse=True)[1]  # groups numbered by their smallest image_id
+    width = len(str(max(int(number.max(initial=0)), 1)))
+    return ("g" + pd.Series(number, index=df.index).astype(str).str.zfill(width)).rename("group")
+
+
+def _cut_groups(groups: pd.Series, fractions: list[float], seed: int) -> pd.Series:
+    """Shuffle groups, lay them end to end by row count, and cut at the cumulative ``fractions``.
+
+    Returns the bin index per row; a group falls in the bin where it starts, so it is never split.
+    """
+    codes, _ = pd.factorize(groups, sort=True)  # sorted: independent of row order
+    sizes = np.bincount(codes)
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    start = np.empty(len(sizes))
+    start[order] = (np.cumsum(sizes[order]) - sizes[order]) / max(len(codes), 1)
+    bins = np.searchsorted(np.cumsum(fractions)[:-1], start, side="right")
+    return pd.Series(bins[codes], index=groups.index)
+
+
+def split_and_fold(groups: pd.Series, val_size: float, test_size: float, n_folds: int, seed: int = 0
+                   ) -> tuple[pd.Series, pd.Series]:
+    """``split`` (train|val|test) and ``fold`` (0..K-1 on train, -1 elsewhere) per row, by whole groups."""
+    if not (0 <= val_size < 1 and 0 <= test_size < 1 and val_size + test_size < 1):
+        raise ValueError(f"val_size={val_size} and test_size={test_size} must be fractions summing below 1")
+    if n_folds < 1:
+        raise ValueError(f"n_folds={n_folds}: need at least 1 fold")
+    bins = _cut_groups(groups, [test_size, val_size, 1 - test_size - val_size], seed)
+    split = bins.map({0: "test", 1: "val", 2: "train"}).rename("split")
+    train = split == "train"
+    n_train_groups = groups[train].nunique()
+    if n_train_groups < n_folds:
+        raise DataError(f"only {n_train_groups} prompt groups in the train split, fewer than n_folds={n_folds}; "
+                        "lower n_folds or use more data (limit)")
+    fold = pd.Series(-1, index=groups.index, name="fold", dtype=np.int64)
+    fold[train] = _cut_groups(groups[train], [1 / n_folds] * n_folds, seed + 1).astype(np.int64)
+    for name in ("test", "val"):
+        if (split == name).sum() == 0 and (test_size if name == "test" else val_size) > 0:
+            log.warning("the %s split is empty (too few groups for the requested fraction)", name)
+    return split, fold
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def resolve_source(source: str) -> Path:
+    """``"sample"`` -> the embedded sample; a relative path -> under the input dir; absolute paths as given."""
+    if source == "sample":
+        return paths.sample_dir()
+    p = Path(source)
+    return p if p.is_absolute() else paths.input_dir() / p
+
+
+class _Report:
+    def __init__(self, n: int):
+        self.rows: list[dict] = []
+        self.n = n
+
+    def step(self, name: str, after: int) -> None:
+        self.rows.append({"step": name, "rows_before": self.n, "rows_after": after, "dropped": self.n - after})
+        log.info("%-18s %9d -> %9d", name, self.n, after)
+        self.n = after
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["step", "rows_before", "rows_after", "dropped"])
+
+
+def apply_rules(df: pd.DataFrame, cfg: FilterConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Rules 1-5 on a loaded table; returns ``(kept, report, bad_images)``."""
+    report = _Report(len(df))
+    df = df.assign(prompt=strip_prompts(df["prompt"]))
+    report.step("strip_whitespace", len(df))
+    df = df[valid_prompt_mask(df["prompt"])].reset_index(drop=True)
+    report.step("min_words_null", len(df))
+    if cfg.near_dup_chars > 0:
+        labels = near_duplicate_clusters(df["prompt"], cfg.near_dup_chars)
+        df = df[keep_one_per_cluster(labels, df["image_id"])].reset_index(drop=True)
+        report.step("near_duplicates", len(df))
+    if cfg.embed_dedup_threshold > 0:
+        from revsd.targets import encode_prompts
+
+        labels = embedding_clusters(encode_prompts(df["prompt"].tolist()), cfg.embed_dedup_threshold)
+        df = df[keep_one_per_cluster(labels, df["image_id"])].reset_index(drop=True)
+        report.step("embed_dedup", len(df))
+    bad = pd.DataFrame(columns=["image_id", "image_path", "error"])
+    if cfg.check_images:
+        df, bad = check_images(df)
+        report.step("bad_images", len(df))
+    return df, report.table(), bad
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def run(cfg: FilterConfig) -> pd.DataFrame:
+    """Load ``cfg.source``, apply the rules, split, and write filtered.parquet + reports; returns the table."""
+    root = resolve_source(cfg.source)
+    df = load_dataset(root, cfg.fmt)
+    if cfg.limit:
+        df = df.head(cfg.limit).reset_index(drop=True)
+    df, report, bad = apply_rules(df, cfg)
+    if len(df) == 0:
+        raise DataError(f"{root}: no rows left after filtering (see the report: {report.to_dict('records')}); "
+                        "check the prompts or relax the rules")
+    df.insert(3, "group", assign_groups(df, cfg.near_dup_chars, cfg.group_column))
+    split, fold = split_and_fold(df["group"], cfg.val_size, cfg.test_size, cfg.n_folds, cfg.seed)
+    df.insert(4, "split", split)
+    df.insert(5, "fold", fold)
+
+    out = paths.stage_dir(STAGE, cfg.exp)
+    save_parquet(out / "filtered.parquet", df)
+    _write_csv(out / "filter_report.csv", report)
+    _write_csv(out / "bad_images.csv", bad)
+    cfg.save(out / "config.json")
+    print(f"01_filter: {root} -> {out}")
+    print(report.to_string(index=False))
+    print(df.groupby("split")["group"].agg(rows="size", groups="nunique").to_string())
+    return df
