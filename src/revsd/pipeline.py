@@ -196,15 +196,16 @@ def run_profile(profile: Profile, only=None, start=None, progress: bool = True) 
 
 
 def print_headline(exp: str) -> None:
-    """Where the submission and the report are, and the report's headline numbers (if 06 ran)."""
-    from revsd.artifacts import read_json
+    """Where the submission and the report are, and the report's headline numbers (once 06 has run)."""
+    from revsd import report
 
-    headline = paths.working_dir() / "06_dakl_ensemble" / exp / "headline.json"
-    if headline.exists():
-        h = read_json(headline)
-        print("\n== revsd: done ==")
-        for k, v in h.items():
-            print(f"  {k}: {v}")
+    ensemble = paths.working_dir() / report.STAGE / exp / "ensemble.json"
+    if not ensemble.exists():
+        return
+    print("\n== revsd: done ==")
+    print(f"  submission: {paths.submissions_dir() / 'submission.csv'}")
+    print(f"  report:     {paths.working_dir() / 'report.md'}")
+    print(f"  {report.headline(exp)}")
 
 
 def main(argv: list[str] | None = None) -> int:
