@@ -67,6 +67,8 @@ def test_list_images_expands_folders(tmp_path, real_jpg):
     for p in [tmp_path / "a.jpg", tmp_path / "sub" / "b.png"]:
         p.write_bytes(b"x")
     (tmp_path / "readme.txt").write_text("x")
-    assert [p.name for p in list_images([tmp_path])] == ["a.jpg"]
-    assert [p.name for p in list_images([tmp_path], recursive=True)] == ["a.jpg", "b.png"]
+    (tmp_path / "z.png").symlink_to(tmp_path / "gone.png")  # dangling: listed, so that it gets reported
+    assert [p.name for p in list_images([tmp_path])] == ["a.jpg", "z.png"]
+    found = [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path], recursive=True)]
+    assert found == ["a.jpg", "sub/b.png", "z.png"]
     assert list_images([real_jpg]) == [real_jpg]

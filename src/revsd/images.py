@@ -75,7 +75,8 @@ def list_images(paths, recursive: bool = False) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
-            out.extend(sorted(q for q in it if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS))
+            # dangling symlinks are kept so that open_rgb reports them instead of skipping them silently
+            out.extend(sorted(q for q in it if (q.is_file() or q.is_symlink()) and q.suffix.lower() in IMAGE_EXTENSIONS))
         else:
             out.append(p)
     return out
