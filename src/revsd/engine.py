@@ -1,0 +1,257 @@
+"""Training loops and their tools (timm-style names): ``create_optimizer``, ``create_scheduler``, ``ModelEma``,
+``train_one_epoch``, ``validate``, checkpoints (safetensors weights + a weights-only ``torch.save`` state file).
+
+Batches are dicts with ``x`` (images or cached features), ``targets`` (B, 384), optional ``labels`` (B, m),
+``context`` and ``index`` (positions of the samples, for per-sample cosines).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from revsd.artifacts import atomic_path, write_json
+
+
+# --- optimizer / scheduler ------------------------------------------------------------------------------------
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+def create_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, llrd: float = 1.0,
+                     backbone_lr_scale: float = 1.0, n_layers: int = 12) -> torch.optim.Optimizer:
+    """AdamW; no decay on biases and norms. Backbone parameters (``model.backbone``) get
+    ``lr * backbone_lr_scale * llrd ** (n_layers - 1 - layer)``, layers being ``n_layers`` equal buckets of the
+    backbone's parameters in registration order (input side first): layer-wise lr decay for any architecture."""
+    groups: dict[tuple[float, bool], list] = {}
+    backbone = getattr(model, "backbone", None)
+    bb_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    bb_params = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
+    layer_of = {id(p): min(n_layers - 1, i * n_layers // max(1, len(bb_params))) for i, p in enumerate(bb_params)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = backbone_lr_scale * llrd ** (n_layers - 1 - layer_of[id(p)]) if id(p) in bb_ids else 1.0
+        groups.setdefault((scale, _no_decay(name, p)), []).append(p)
+    param_groups = [{"params": ps, "lr": lr * scale, "lr_scale": scale, "weight_decay": 0.0 if nd else weight_decay}
+                    for (scale, nd), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=lr)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                     min_ratio: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to ``min_ratio`` of the base lr, per optimizer step."""
+    total_steps = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ModelEma:
+    """Exponential moving average of a model's parameters and buffers (evaluate with ``ema.module``)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(m.detach(), 1.0 - self.decay)
+            else:
+                e.copy_(m)
+
+
+# --- loops ----------------------------------------------------------------------------------------------------
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(device, amp: bool):
+    dev = torch.device(device)
+    if amp and dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return nullcontext()
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("x", "context", "targets", "labels") if k in batch}
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer, scheduler=None,
+                    device="cpu", grad_accum: int = 1, amp: bool = False, scaler=None, ema: ModelEma | None = None,
+                    max_grad_norm: float = 0.0, progress=None) -> dict:
+    """One pass over ``batches``; an optimizer step every ``grad_accum`` batches (and after the last).
+
+    Returns ``{"loss", "cos" (mean train cosine), "steps", "index", "cosines"}``: the per-sample cosines seen
+    during training (in training mode), keyed by the batches' ``index``.
+    """
+    model.train()
+    tot_loss = tot_cos = 0.0
+    n_seen = steps = 0
+    idx_all, cos_all = [], []
+    optimizer.zero_grad(set_to_none=True)
+    it = iter(batches)
+    upcoming = next(it, None)
+    i = -1
+    while upcoming is not None:  # streamed with one batch of look-ahead (the last one always steps)
+        batch, upcoming, i = to_device(upcoming, device), next(it, None), i + 1
+        with autocast(device, amp):
+            out = model(**_model_inputs(batch))
+        loss = out["loss"] / grad_accum
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if (i + 1) % grad_accum == 0 or upcoming is None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            steps += 1
+        with torch.no_grad():
+            cos = F.cosine_similarity(out["emb"].float(), batch["targets"].float(), dim=-1)
+        b = len(cos)
+        tot_loss += float(out["loss"].detach()) * b
+        tot_cos += float(cos.sum())
+        n_seen += b
+        if "index" in batch:
+            idx_all.append(np.asarray(batch["index"]))
+            cos_all.append(cos.cpu().numpy())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{tot_loss / n_seen:.4f}")
+    return {"loss": tot_loss / max(1, n_seen), "cos": tot_cos / max(1, n_seen), "steps": steps,
+            "index": np.concatenate(idx_all) if idx_all else np.zeros(0, int),
+            "cosines": np.concatenate(cos_all) if cos_all else np.zeros(0, np.float32)}
+
+
+@torch.no_grad()
+def _forward_all(model: nn.Module, batches: Iterable[dict], device, amp: bool):
+    """Stream the batches once (eval mode): normalised embeddings, probabilities or None, targets or None."""
+    model.eval()
+    embs, probs, tgts = [], [], []
+    for batch in batches:
+        if "targets" in batch:
+            tgts.append(batch["targets"].float().cpu().numpy())
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            out = model(batch["x"], batch.get("context"))
+        embs.append(F.normalize(out["emb"].float(), dim=-1).cpu().numpy())
+        if out["logits"] is not None:
+            probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
+    emb = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
+    return (emb, np.concatenate(probs).astype(np.float32) if probs else None,
+            np.concatenate(tgts) if tgts else None)
+
+
+def predict(model: nn.Module, batches: Iterable[dict], device="cpu", amp: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(emb (n, 384) L2-normalised, probs (n, m) or None)`` in batch order, eval mode."""
+    emb, probs, _ = _forward_all(model, batches, device, amp)
+    return emb, probs
+
+
+def mean_cosine(emb: np.ndarray, targets: np.ndarray) -> float:
+    """Mean row-wise cosine of two (n, d) arrays (normalises both)."""
+    if len(emb) == 0:
+        return float("nan")
+    return float(row_cosines(emb, targets).mean())
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(1)
+
+
+def validate(model: nn.Module, batches: Iterable[dict], device="cpu", amp: bool = False) -> dict:
+    """``{"cos": mean cosine, "cosines": per sample, "emb", "probs"}`` (eval mode; batches streamed once)."""
+    emb, probs, tgt = _forward_all(model, batches, device, amp)
+    if tgt is None or len(emb) == 0:
+        return {"cos": float("nan"), "cosines": np.zeros(0, np.float32), "emb": emb, "probs": probs}
+    cosines = row_cosines(emb, tgt)
+    return {"cos": float(cosines.mean()), "cosines": cosines, "emb": emb, "probs": probs}
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+def save_weights(path: str | Path, model: nn.Module) -> Path:
+    """safetensors file of the model's state dict (atomic)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+    return Path(path)
+
+
+def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the run has no saved weights (train it first)")
+    model.load_state_dict(load_file(str(path)), strict=strict)
+    return model
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, optimizer, scheduler=None, ema: ModelEma | None = None,
+                    scaler=None, **state) -> Path:
+    """``last.safetensors`` (+ ``last_ema.safetensors``) and ``last_state.pt`` (optimizer, scheduler, scaler and
+    the ``state`` kwargs such as epoch/step/best; loadable with ``weights_only=True``); ``last.json`` mirrors
+    ``state`` for humans. The state file is written last: it marks the checkpoint complete."""
+    directory = Path(directory)
+    save_weights(directory / "last.safetensors", model)
+    if ema is not None:
+        save_weights(directory / "last_ema.safetensors", ema.module)
+    blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+            "scaler": scaler.state_dict() if scaler is not None else None, "state": state}
+    with atomic_path(directory / "last_state.pt") as tmp:
+        torch.save(blob, tmp)
+    write_json(directory / "last.json", state)
+    return directory / "last_state.pt"
+
+
+def load_checkpoint(directory: str | Path, model: nn.Module, optimizer=None, scheduler=None,
+                    ema: ModelEma | None = None, scaler=None) -> dict | None:
+    """Restore what :func:`save_checkpoint` wrote; returns its ``state`` dict, or None if there is none."""
+    directory = Path(directory)
+    if not (directory / "last_state.pt").exists():
+        return None
+    blob = torch.load(directory / "last_state.pt", map_location="cpu", weights_only=True)
+    load_weights(directory / "last.safetensors", model)
+    if ema is not None and (directory / "last_ema.safetensors").exists():
+        load_weights(directory / "last_ema.safetensors", ema.module)
+    if optimizer is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and blob["scheduler"] is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    if scaler is not None and blob["scaler"] is not None:
+        scaler.load_state_dict(blob["scaler"])
+    return blob["state"]

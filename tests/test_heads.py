@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from revsd.heads import HEAD_CONFIGS, PromptHead, RevSDModel
+
+
+@pytest.mark.parametrize("config", HEAD_CONFIGS)
+def test_shapes_and_gradient_flow(config):
+    torch.manual_seed(0)
+    head = PromptHead(in_dim=16, emb_dim=384, vocab_size=7, config=config, hidden=32, dropout=0.0)
+    model = RevSDModel(head, lam=1.0)
+    x = torch.randn(5, 16, requires_grad=True)
+    out = model(x, targets=torch.randn(5, 384), labels=(torch.rand(5, 7) > 0.5).float())
+    assert out["emb"].shape == (5, 384) and out["logits"].shape == (5, 7)
+    out["loss"].backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{config}: no gradient reaches {name}"
+
+
+def test_config_wiring():
+    """concat feeds the class probabilities into the embedding head; emb2cls classifies the embedding."""
+    torch.manual_seed(0)
+    concat = PromptHead(16, 384, 7, "concat", hidden=0)
+    assert concat.emb_head[-1].in_features == 16 + 7
+    emb2cls = PromptHead(16, 384, 7, "emb2cls", hidden=32)
+    assert emb2cls.vocab_head[-1].in_features == 384
+    # in emb2cls the logits are a function of the embedding only: equal embeddings -> equal logits
+    emb2cls.eval()
+    e, logits = emb2cls(torch.randn(2, 16))
+    assert torch.allclose(emb2cls.vocab_head(e), logits)
+    # in concat, changing the vocabulary head changes the embedding
+    concat.eval()
+    x = torch.randn(3, 16)
+    e1, _ = concat(x)
+    with torch.no_grad():
+        concat.vocab_head[-1].bias.add_(5.0)
+    e2, _ = concat(x)
+    assert not torch.allclose(e1, e2)
+
+
+@pytest.mark.parametrize("config", HEAD_CONFIGS)
+def test_plain_model_has_no_vocabulary_head(config):
+    head = PromptHead(16, 384, vocab_size=0, config=config)
+    out = RevSDModel(head)(torch.randn(2, 16), targets=torch.randn(2, 384))
+    assert out["logits"] is None and head.vocab_head is None
+    assert out["bce"].item() == 0.0
+
+
+def test_unknown_config_rejected():
+    with pytest.raises(ValueError, match="head config"):
+        PromptHead(16, 384, 3, "sideways")
