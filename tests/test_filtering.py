@@ -191,6 +191,8 @@ def test_run_on_sample_groups_artists():
     saved = pd.read_parquet(out / "filtered.parquet")
     assert list(saved.columns[:6]) == ["image_id", "image_path", "prompt", "group", "split", "fold"]
     assert saved["image_id"].tolist() == df["image_id"].tolist() and saved["image_id"].is_unique
+    assert saved["image_path"].str.startswith("sample/images/part-").all()  # portable: relative to input/
+    assert all(paths.resolve_input(p).is_file() for p in saved["image_path"])
     assert saved.groupby("artist")["group"].nunique().max() == 1  # artist grouping on the sample
     assert saved.groupby("group")["split"].nunique().max() == 1
     assert saved.groupby("group")["fold"].nunique().max() == 1

@@ -94,3 +94,13 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_portable_paths_are_relative_to_input_and_resolve_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("REVSD_INPUT", str(tmp_path / "in"))
+    inside = tmp_path / "in" / "sample" / "images" / "a.jpg"
+    assert paths.portable(inside) == "sample/images/a.jpg"
+    assert paths.resolve_input("sample/images/a.jpg") == inside
+    outside = tmp_path / "elsewhere" / "b.png"
+    assert paths.portable(outside) == str(outside)
+    assert paths.resolve_input(str(outside)) == outside

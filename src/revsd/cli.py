@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "pipeline": ("revsd.pipeline", "run the notebooks headless through papermill (revsd pipeline --profile demo)"),
+    "train": ("revsd.train", "train one run outside the notebooks (revsd train exp=demo backbone=effnet_lite2)"),
     "data": ("revsd.data", "fetch real DiffusionDB subsets (revsd data fetch --subset 2m_first_10k)"),
     "predict": ("revsd.predict", "images in, prompt embeddings and readable prompts out"),
     "bank": ("revsd.retrieval", "build a prompt bank for retrieval (revsd bank build PROMPTS.csv)"),

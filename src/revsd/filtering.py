@@ -287,7 +287,7 @@ def run(cfg: FilterConfig) -> pd.DataFrame:
     df.insert(5, "fold", fold)
 
     out = paths.stage_dir(STAGE, cfg.exp)
-    save_parquet(out / "filtered.parquet", df)
+    save_parquet(out / "filtered.parquet", df.assign(image_path=df["image_path"].map(paths.portable)))
     _write_csv(out / "filter_report.csv", report)
     _write_csv(out / "bad_images.csv", bad)
     cfg.save(out / "config.json")

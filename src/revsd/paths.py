@@ -68,6 +68,22 @@ def stage_dir(stage: str, exp: str, run: str | None = None, create: bool = True)
     return p
 
 
+def portable(path: str | Path) -> str:
+    """A path as stored in tables: relative to ``input/`` when it lies below it (so the table survives a move to
+    another machine or ``/kaggle/input``), else absolute."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(input_dir().resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def resolve_input(path: str | Path) -> Path:
+    """Inverse of :func:`portable`: relative paths are taken relative to ``input/``."""
+    p = Path(path)
+    return p if p.is_absolute() else input_dir() / p
+
+
 def filtered_table(exp: str) -> Path:
     return stage_dir("01_filter", exp, create=False) / "filtered.parquet"
 

@@ -160,7 +160,8 @@ def execute_notebook(name: str, parameters: dict | None = None, output_dir: str 
     out = out_dir / f"{output_name or name}.ipynb"
     try:
         pm.execute_notebook(str(staged), str(out), parameters=parameters or {}, kernel_name="python3",
-                            progress_bar=progress, cwd=str(paths.repo_root()))
+                            progress_bar=progress, cwd=str(paths.repo_root()),
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no transport chatter
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"notebook {output_name or name} failed in cell {e.exec_count}: {e.ename}: "
                              f"{e.evalue}\n  executed copy with the traceback: {out}") from e

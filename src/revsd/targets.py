@@ -124,6 +124,8 @@ def _read_filtered(exp: str) -> pd.DataFrame:
         raise FileNotFoundError(f"{path} not found: run 01_filter first for exp={exp!r} "
                                 f"(notebooks/01_filter.py, or `revsd pipeline --profile demo`)")
     table = pd.read_parquet(path)
+    if "image_path" in table.columns:  # stored relative to input/ where possible (paths.portable)
+        table["image_path"] = table["image_path"].map(lambda p: str(paths.resolve_input(p)))
     missing = [c for c in ("image_id", "prompt", "split") if c not in table.columns]
     if missing:
         raise ValueError(f"{path} lacks column(s) {missing}: rerun 01_filter to rebuild it")
