@@ -197,3 +197,21 @@ def test_unreadable_image_is_reported_not_dropped(prepared_exp, tmp_path):
     mean = ts.emb[train.training_rows(cfg, ts)].mean(0)
     got = test_preds.align([ids[victims[1]]]).emb[0]
     np.testing.assert_allclose(got, mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_finished_run_is_not_reused_on_changed_data(prepared_exp, tmp_path):
+    """Rerunning 01/02 with other settings must not silently hand back a run trained on the old split."""
+    import shutil
+
+    from revsd import filtering, paths
+
+    exp = "t_fingerprint"
+    for stage in ("01_filter", "02_targets"):
+        shutil.copytree(paths.stage_dir(stage, prepared_exp, create=False), paths.stage_dir(stage, exp, create=False))
+    cfg = train.TrainConfig(exp=exp, run="fp", epochs=1, num_workers=1)
+    run_dir = train.run(cfg)
+    assert train.run(cfg) == run_dir  # same data: the finished run is reused
+    filtering.run(filtering.FilterConfig(exp=exp, seed=1))  # another split of the same images
+    targets.run(targets.TargetsConfig(exp=exp, vocab_size=64))
+    with pytest.raises(ConfigError, match="trained on other 01_filter/02_targets outputs"):
+        train.run(cfg)

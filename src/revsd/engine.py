@@ -2,7 +2,8 @@
 ``train_one_epoch``, ``validate``, checkpoints (safetensors weights + a weights-only ``torch.save`` state file).
 
 Batches are dicts with ``x`` (images or cached features), ``targets`` (B, 384), optional ``labels`` (B, m),
-``context`` and ``index`` (positions of the samples, for per-sample cosines).
+``context``, ``index`` (positions of the samples, for per-sample cosines) and, in multi-process training only,
+``weight`` (a loss multiplier; 0 marks a stand-in batch that is left out of the statistics).
 """
 
 from __future__ import annotations
@@ -98,11 +99,16 @@ def _model_inputs(batch: dict) -> dict:
 
 def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer, scheduler=None,
                     device="cpu", grad_accum: int = 1, amp: bool = False, scaler=None, ema: ModelEma | None = None,
-                    max_grad_norm: float = 0.0, progress=None) -> dict:
+                    max_grad_norm: float = 0.0, progress=None, accelerator=None) -> dict:
     """One pass over ``batches``; an optimizer step every ``grad_accum`` batches (and after the last).
 
     Returns ``{"loss", "cos" (mean train cosine), "steps", "index", "cosines"}``: the per-sample cosines seen
-    during training (in training mode), keyed by the batches' ``index``.
+    during training (in training mode), keyed by the batches' ``index``; all of them local to this process.
+
+    ``accelerator`` (an ``accelerate.Accelerator``; ``model``, ``optimizer`` and ``scheduler`` prepared by it, and
+    ``scaler`` None): backward, gradient clipping and loss scaling go through it, and gradients are only
+    all-reduced on the micro-batch that steps (``no_sync`` on the others). Accumulation stays here rather than in
+    ``Accelerator.accumulate`` so that the last batch of an epoch always steps, as in one process.
     """
     model.train()
     tot_loss = tot_cos = 0.0
@@ -114,26 +120,42 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.
     i = -1
     while upcoming is not None:  # streamed with one batch of look-ahead (the last one always steps)
         batch, upcoming, i = to_device(upcoming, device), next(it, None), i + 1
-        with autocast(device, amp):
-            out = model(**_model_inputs(batch))
-        loss = out["loss"] / grad_accum
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if (i + 1) % grad_accum == 0 or upcoming is None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+        sync = (i + 1) % grad_accum == 0 or upcoming is None
+        with accelerator.no_sync(model) if accelerator is not None and not sync else nullcontext():
+            with autocast(device, amp):
+                out = model(**_model_inputs(batch))
+            loss = out["loss"] / grad_accum
+            if "weight" in batch:
+                loss = loss * batch["weight"]
+            if accelerator is not None:
+                accelerator.backward(loss)
             else:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        if sync:
+            if accelerator is not None:
+                if max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()
+            else:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(accelerator.unwrap_model(model) if accelerator is not None else model)
             steps += 1
+        if batch.get("weight", 1.0) == 0:  # a stand-in (this process had no sample of this batch)
+            if progress is not None:
+                progress.update(1)
+            continue
         with torch.no_grad():
             cos = F.cosine_similarity(out["emb"].float(), batch["targets"].float(), dim=-1)
         b = len(cos)

@@ -5,8 +5,13 @@ writes ``working/<stage>/<exp>/<run>/``: config.json, summary.csv, model.safeten
 preds_{train,oof,test}.npz, sample_cosines.csv, metrics.json, invalid_images.csv (if any), DONE.
 
 Modes: ``frozen`` trains the heads on cached backbone features (``revsd.features``); ``finetune`` trains end to
-end (AMP on CUDA, grad accumulation, layer-wise lr decay, EMA). Multi-GPU (``accelerate launch``) is not wired
-yet: run folds/seeds as separate single-GPU runs. Command line: ``python -m revsd.train exp=demo epochs=20``.
+end (AMP on CUDA, grad accumulation, layer-wise lr decay, EMA). Command line: ``python -m revsd.train exp=demo
+epochs=20``.
+
+Multi-GPU (finetune): ``accelerate launch --multi_gpu --num_processes 4 -m revsd.train exp=paper
+backbone=clip_vit_h14 mode=finetune``. ``batch_size`` stays the global batch: every process takes its slice of
+each batch, so the steps, the schedule and the artifacts are those of a one-process run; only the main process
+writes. Launched with several processes, frozen mode runs on the main process alone (the others exit at once).
 
 Resume: a run directory with a checkpoint and no DONE continues from its last finished epoch and gives the same
 result as an uninterrupted run (per-epoch seeds; optimizer, scheduler and EMA state restored).
@@ -17,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -151,7 +157,7 @@ class Inputs:
         self.cfg, self.ts, self.labels, self.device = cfg, targetset, labels, device
         t = targetset.table
         self.ids = t["image_id"].astype(str).to_numpy()
-        self.paths = t["image_path"].astype(str).map(_resolve_image_path).to_numpy()
+        self.paths = t["image_path"].astype(str).to_numpy()  # absolute: targets.load resolves them
         self.spec = get_spec(cfg.backbone)
         self.valid = np.ones(len(t), bool)
         self.errors: dict[str, str] = {}
@@ -175,13 +181,16 @@ class Inputs:
             d["context"] = context
         return d
 
-    def batches(self, row_batches):
-        """Yield batch dicts (``index`` = table rows) for lists of table rows, skipping invalid images."""
+    def batches(self, row_batches, keep_empty: bool = False):
+        """Yield batch dicts (``index`` = table rows) for lists of table rows, skipping invalid images; a batch left
+        with no rows is skipped, or yielded as None with ``keep_empty`` (then there is one item per batch)."""
         if self.feats is not None:
             for rows in row_batches:
                 rows = np.asarray([r for r in rows if self.valid[r]], dtype=np.int64)
                 if len(rows):
                     yield self._dict(rows, torch.from_numpy(self.feats[rows]))
+                elif keep_empty:
+                    yield None
             return
         size = self.spec.input_size(self.cfg.tiny)
         row_batches = [np.asarray(r, dtype=np.int64) for r in row_batches]
@@ -193,6 +202,8 @@ class Inputs:
                     self.errors[self.ids[r]] = e
             keep = [i for i, a in enumerate(arrays) if a is not None]
             if not keep:
+                if keep_empty:
+                    yield None
                 continue
             rows = rows[keep]
             x = features.to_batch([arrays[i] for i in keep], self.spec.mean, self.spec.std, self.device)
@@ -203,17 +214,6 @@ class Inputs:
 
     def chunks(self, rows: np.ndarray, size: int = 256):
         return self.batches([rows[s:s + size] for s in range(0, len(rows), size)])
-
-
-def _resolve_image_path(p: str) -> str:
-    """Relative image paths in the table are relative to the input root (absolute ones are kept)."""
-    path = Path(p)
-    if path.is_absolute() or path.exists():
-        return str(path)
-    for root in (paths.input_dir(), paths.repo_root()):
-        if (root / path).exists():
-            return str(root / path)
-    return str(path)
 
 
 # --- model ----------------------------------------------------------------------------------------------------
@@ -265,12 +265,149 @@ def _prepare_run_dir(cfg: TrainConfig, stage: str) -> tuple[Path, bool]:
     return run_dir, (run_dir / "DONE").exists()
 
 
+def data_fingerprint(ts) -> str:
+    """Identifies the 01/02 outputs a run was trained on (ids, splits, folds, targets, vocabulary)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    t = ts.table
+    for col in ("image_id", "split", "fold"):
+        h.update("\x1f".join(map(str, t[col].tolist())).encode())
+    h.update(np.ascontiguousarray(ts.emb[:: max(1, len(ts.emb) // 4096)]).tobytes())
+    h.update("\x1f".join(ts.words).encode())
+    return h.hexdigest()
+
+
+def _check_data(run_dir: Path, ts) -> None:
+    """A run is only reused/resumed on the data it was trained on; otherwise say so instead of mixing them."""
+    f = run_dir / "data.json"
+    fp = data_fingerprint(ts)
+    if f.exists() and read_json(f).get("fingerprint") != fp:
+        raise ConfigError(f"{run_dir} was trained on other 01_filter/02_targets outputs of this exp: delete the "
+                          "directory to retrain, or pick another run name (run=...)")
+    if not f.exists():
+        write_json(f, {"fingerprint": fp, "rows": int(len(ts.table))})
+
+
 def _rewrite_until(path: Path, epoch: int) -> None:
     """Drop rows of epochs after ``epoch`` (written before an interruption, redone on resume)."""
     if path.exists() and path.stat().st_size:
         df = pd.read_csv(path, dtype={"image_id": str})
         with atomic_path(path) as tmp:
             df[df["epoch"] <= epoch].to_csv(tmp, index=False)
+
+
+# --- several processes (accelerate launch) --------------------------------------------------------------------
+
+def launched_processes() -> int:
+    """How many processes this run was launched with (``accelerate launch`` / torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _accelerator(cfg: TrainConfig):
+    """An ``accelerate.Accelerator`` for a finetune run launched with several processes, else None (one process:
+    the plain path, untouched). One GPU per process (NCCL); without CUDA, or with ``device=cpu``, CPU processes
+    (gloo). Mixed precision follows ``amp`` as in one process (bf16 where supported, else fp16; CUDA only).
+    ``split_batches``: ``batch_size`` is the global batch, so the prepared scheduler steps once per optimizer step
+    (not once per process)."""
+    n = launched_processes()
+    if n <= 1 or cfg.mode != "finetune":
+        return None
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration
+
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    dev = PartialState(cpu=cpu).device
+    precision = "no"
+    if cfg.amp and dev.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    acc = Accelerator(cpu=cpu, mixed_precision=precision,
+                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if acc.num_processes != n:  # every process would train alone and write the same files
+        raise RuntimeError(f"launched with WORLD_SIZE={n} but accelerate set up {acc.num_processes} process(es) "
+                           f"({acc.distributed_type}); launch with `accelerate launch --multi_gpu --num_processes {n}`")
+    return acc
+
+
+def _shard_batches(inputs: Inputs, row_batches, acc, counts: list):
+    """This process's share of each global batch: its contiguous slice (``np.array_split``), weighted by
+    ``valid_here * processes / valid_all`` so that the gradient DDP averages is the one-process batch gradient
+    (the loss is a batch mean). A process whose slice is empty or unreadable trains a stand-in with weight 0 so
+    that every process steps together; a batch with no readable image anywhere is skipped everywhere, as in one
+    process. ``counts`` gets the samples each batch contributed here (to put gathered cosines in batch order)."""
+    n, me = acc.num_processes, acc.process_index
+    row_batches = [np.asarray(b, dtype=np.int64) for b in row_batches]
+    parts = [np.array_split(b, n)[me] for b in row_batches]
+    stand_in = None
+    for rows, got in zip(row_batches, inputs.batches(parts, keep_empty=True)):
+        k = 0 if got is None else len(got["index"])
+        total = int(acc.reduce(torch.tensor([k], device=acc.device), reduction="sum").item())
+        counts.append(k)
+        if total == 0:
+            continue
+        if got is None:
+            if stand_in is None:  # any readable image of this batch (another process has one)
+                stand_in = next(inputs.batches([[r] for r in rows]))
+            yield {**stand_in, "weight": 0.0}
+            continue
+        stand_in = got
+        yield {**got, "weight": k * n / total}
+
+
+def _gather_epoch(res: dict, counts: list, acc) -> dict:
+    """``train_one_epoch``'s result over all processes: mean loss/cosine over every sample, and the per-sample
+    cosines in the order of the global batches (as one process writes them)."""
+    from accelerate.utils import gather_object
+
+    n_here = len(res["index"])
+    parts = gather_object([(res["loss"] * n_here, res["cos"] * n_here, n_here, res["index"], res["cosines"],
+                            counts)])
+    n_all = max(1, sum(p[2] for p in parts))
+    index, cosines, offset = [], [], [0] * len(parts)
+    for b in range(len(counts)):
+        for r, p in enumerate(parts):
+            c = p[5][b]
+            index.append(p[3][offset[r]:offset[r] + c])
+            cosines.append(p[4][offset[r]:offset[r] + c])
+            offset[r] += c
+    return {"loss": sum(p[0] for p in parts) / n_all, "cos": sum(p[1] for p in parts) / n_all,
+            "steps": res["steps"], "index": np.concatenate(index) if index else np.zeros(0, int),
+            "cosines": np.concatenate(cosines) if cosines else np.zeros(0, np.float32)}
+
+
+def _evaluate(net, inputs: Inputs, rows: np.ndarray, device: str, amp: bool, acc=None, block: int = 2048) -> dict:
+    """``engine.validate`` on ``rows``. With several processes each one takes a contiguous share of every block of
+    ``block * processes`` rows, and every process gets the results of all of them in row order (unreadable
+    images found anywhere are marked in ``inputs``); blocks bound what one gather carries."""
+    if acc is None:
+        return engine.validate(net, inputs.chunks(rows), device, amp)
+    from accelerate.utils import gather_object
+
+    rows = np.asarray(rows, dtype=np.int64)
+    embs, probs, kept = [], [], []
+    step = block * acc.num_processes
+    for s in range(0, len(rows), step):
+        part = np.array_split(rows[s:s + step], acc.num_processes)[acc.process_index]
+        got = engine.validate(net, inputs.chunks(part), device, amp) if len(part) else None
+        ok = part[inputs.valid[part]]
+        bad = {int(r): inputs.errors.get(inputs.ids[r], "unreadable") for r in part[~inputs.valid[part]]}
+        mine = (ok, got["emb"], got["probs"]) if got is not None and len(ok) else None
+        for shard, errors in gather_object([(mine, bad)]):
+            for r, e in errors.items():
+                inputs.valid[r] = False
+                inputs.errors[inputs.ids[r]] = e
+            if shard is not None:
+                kept.append(shard[0])
+                embs.append(shard[1])
+                if shard[2] is not None:
+                    probs.append(shard[2])
+    if not kept:
+        return {"cos": float("nan"), "cosines": np.zeros(0, np.float32), "emb": np.zeros((0, 0), np.float32),
+                "probs": None}
+    emb = np.concatenate(embs)
+    cosines = engine.row_cosines(emb, inputs.ts.emb[np.concatenate(kept)])
+    return {"cos": float(cosines.mean()), "cosines": cosines, "emb": emb,
+            "probs": np.concatenate(probs) if probs else None}
 
 
 def run(cfg: TrainConfig, batch_sampler=None, stage: str = STAGE) -> Path:
@@ -280,13 +417,24 @@ def run(cfg: TrainConfig, batch_sampler=None, stage: str = STAGE) -> Path:
     from revsd import targets
 
     check(cfg)
+    if launched_processes() > 1 and cfg.mode != "finetune" and int(os.environ.get("RANK", "0")) != 0:
+        print(f"{cfg.mode} mode runs on the main process only (several processes are for finetune): exiting")
+        return _prepare_run_dir(cfg, stage)[0]
+    acc = _accelerator(cfg)  # None unless a finetune run launched with several processes
+    main = acc is None or acc.is_main_process  # only the main process writes into the run directory
     run_dir, done = _prepare_run_dir(cfg, stage)
-    if done:
-        print(f"{run_dir} is finished (DONE): reusing it; delete the directory to retrain")
-        return run_dir
-    cfg.replace(run=run_name(cfg)).save(run_dir / "config.json")
-    device = resolve_device(cfg.device)
     ts = targets.load(cfg.exp)
+    if main:
+        _check_data(run_dir, ts)
+    if done:
+        if main:
+            print(f"{run_dir} is finished (DONE): reusing it; delete the directory to retrain")
+        if acc is not None:
+            acc.end_training()
+        return run_dir
+    if main:
+        cfg.replace(run=run_name(cfg)).save(run_dir / "config.json")
+    device = resolve_device(cfg.device) if acc is None else str(acc.device)
     words, labels = _vocabulary(cfg, ts)
     tr, va, te = training_rows(cfg, ts), validation_rows(cfg, ts), heldout_rows(cfg, ts)
     if len(tr) == 0:
@@ -323,25 +471,39 @@ def run(cfg: TrainConfig, batch_sampler=None, stage: str = STAGE) -> Path:
     scheduler = engine.create_scheduler(optimizer, opt_steps, int(cfg.warmup_epochs * spe / cfg.grad_accum))
     ema = engine.ModelEma(model, cfg.ema) if cfg.ema > 0 else None
     use_amp = cfg.amp and device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda") if use_amp and not torch.cuda.is_bf16_supported() else None
+    if acc is None:
+        scaler = torch.amp.GradScaler("cuda") if use_amp and not torch.cuda.is_bf16_supported() else None
+    else:
+        scaler = acc.scaler  # fp16 only; accelerate scales the loss and steps through it
 
     state = engine.load_checkpoint(run_dir, model, optimizer, scheduler, ema, scaler) or {}
     start, step = state.get("epoch", 0), state.get("step", 0)
     best, best_epoch = state.get("best_val", -float("inf")), state.get("best_epoch", 0)
-    if start:
+    if start and main:
         print(f"resuming {run_dir.name} after epoch {start}")
-    for name in ("summary.csv", "sample_cosines.csv"):
-        (_rewrite_until(run_dir / name, start) if start else (run_dir / name).unlink(missing_ok=True))
+    if main:
+        for name in ("summary.csv", "sample_cosines.csv"):
+            (_rewrite_until(run_dir / name, start) if start else (run_dir / name).unlink(missing_ok=True))
+    # several processes: DDP model, optimizer and scheduler for training; `model` (unwrapped) for evaluation/saving
+    ddp_model, ddp_opt, ddp_sched = (model, optimizer, scheduler) if acc is None else acc.prepare(
+        model, optimizer, scheduler)
+    rank = 0 if acc is None else acc.process_index
 
     ids = inputs.ids
     for epoch in range(start, n_epochs):
         t0 = time.time()
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout/augmentation per epoch: resume-exact
+        # dropout/augmentation per epoch (resume-exact); several processes: a stream per process (rank 0 = one process)
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * rank)
         batches = [tr[b] for b in epoch_batches(epoch)]
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{n_epochs}", leave=False)
-        res = engine.train_one_epoch(model, inputs.batches(batches), optimizer, scheduler, device, cfg.grad_accum,
-                                     use_amp, scaler, ema, max_grad_norm=1.0, progress=bar)
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{n_epochs}", leave=False, disable=not main)
+        counts: list[int] = []
+        stream = inputs.batches(batches) if acc is None else _shard_batches(inputs, batches, acc, counts)
+        res = engine.train_one_epoch(ddp_model, stream, ddp_opt, ddp_sched, device, cfg.grad_accum, use_amp,
+                                     None if acc is not None else scaler, ema, max_grad_norm=1.0, progress=bar,
+                                     accelerator=acc)
         bar.close()
+        if acc is not None:
+            res = _gather_epoch(res, counts, acc)
         step += res["steps"]
         net = ema.module if ema is not None else model
         if cfg.mode == "frozen":  # every training sample, eval mode
@@ -350,33 +512,44 @@ def run(cfg: TrainConfig, batch_sampler=None, stage: str = STAGE) -> Path:
             cosines = tv["cosines"]
         else:  # the cosines seen while training this epoch
             cos_rows, cosines = res["index"], res["cosines"]
-        val = engine.validate(net, inputs.chunks(va), device, use_amp) if len(va) else {"cos": float("nan")}
+        val = _evaluate(net, inputs, va, device, use_amp, acc) if len(va) else {"cos": float("nan")}
         val_cos = val["cos"]
-        with open(run_dir / "sample_cosines.csv", "a", newline="") as f:
-            pd.DataFrame({"image_id": ids[np.asarray(cos_rows, dtype=np.int64)], "epoch": epoch + 1,
-                          "cosine": np.round(cosines, 6)}).to_csv(f, index=False, header=f.tell() == 0)
-        if not math.isfinite(val_cos) or val_cos > best:
+        improved = not math.isfinite(val_cos) or val_cos > best
+        if improved:
             best, best_epoch = (val_cos if math.isfinite(val_cos) else best), epoch + 1
-            engine.save_weights(run_dir / "model.safetensors", net)
-        append_csv_row(run_dir / "summary.csv", {
-            "epoch": epoch + 1, "step": step, "train_loss": round(res["loss"], 6), "train_cos": round(res["cos"], 6),
-            "val_cos": round(val_cos, 6), "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)})
-        print(f"epoch {epoch + 1}/{n_epochs}  loss {res['loss']:.4f}  train cos {res['cos']:.4f}  val cos "
-              f"{val_cos:.4f}")
-        engine.save_checkpoint(run_dir, model, optimizer, scheduler, ema, scaler, epoch=epoch + 1, step=step,
-                               best_val=best, best_epoch=best_epoch)
+        if main:
+            with open(run_dir / "sample_cosines.csv", "a", newline="") as f:
+                pd.DataFrame({"image_id": ids[np.asarray(cos_rows, dtype=np.int64)], "epoch": epoch + 1,
+                              "cosine": np.round(cosines, 6)}).to_csv(f, index=False, header=f.tell() == 0)
+            if improved:
+                engine.save_weights(run_dir / "model.safetensors", net)
+            append_csv_row(run_dir / "summary.csv", {
+                "epoch": epoch + 1, "step": step, "train_loss": round(res["loss"], 6),
+                "train_cos": round(res["cos"], 6), "val_cos": round(val_cos, 6), "lr": scheduler.get_last_lr()[0],
+                "seconds": round(time.time() - t0, 3)})
+            print(f"epoch {epoch + 1}/{n_epochs}  loss {res['loss']:.4f}  train cos {res['cos']:.4f}  val cos "
+                  f"{val_cos:.4f}")
+            engine.save_checkpoint(run_dir, model, optimizer, scheduler, ema, scaler, epoch=epoch + 1, step=step,
+                                   best_val=best, best_epoch=best_epoch)
+        if acc is not None:
+            acc.wait_for_everyone()  # the checkpoint and best weights are on disk before anyone goes on
         if cfg.stop_after_epoch and epoch + 1 == cfg.stop_after_epoch:
             raise Interrupted(f"stopped after epoch {epoch + 1} (stop_after_epoch); rerun to resume")
 
     # final predictions with the best weights
     engine.load_weights(run_dir / "model.safetensors", model)
-    write_json(run_dir / "model.json", {**meta, "best_epoch": best_epoch})
+    if main:
+        write_json(run_dir / "model.json", {**meta, "best_epoch": best_epoch})
     fallback_probs = None if labels is None else np.asarray(labels[tr].mean(0)).ravel().astype(np.float32)
     out = {}
     for name, rows in (("train", tr), ("oof", va), ("test", te)):
-        preds = _predict_rows(model, inputs, rows, mean_emb, fallback_probs, device, use_amp)
-        save_predictions(run_dir / f"preds_{name}.npz", preds)
+        preds = _predict_rows(model, inputs, rows, mean_emb, fallback_probs, device, use_amp, acc)
+        if main:
+            save_predictions(run_dir / f"preds_{name}.npz", preds)
         out[name] = engine.mean_cosine(preds.emb, ts.emb[rows]) if len(rows) else float("nan")
+    if not main:
+        acc.end_training()  # waits for the main process to finish writing
+        return run_dir
     if inputs.errors:
         with atomic_path(run_dir / "invalid_images.csv") as tmp:
             pd.DataFrame({"image_id": list(inputs.errors), "error": list(inputs.errors.values())}).to_csv(
@@ -393,15 +566,17 @@ def run(cfg: TrainConfig, batch_sampler=None, stage: str = STAGE) -> Path:
     for name in ("last.safetensors", "last_ema.safetensors", "last_state.pt", "last.json"):
         (run_dir / name).unlink(missing_ok=True)
     write_text(run_dir / "DONE", "")
+    if acc is not None:
+        acc.end_training()
     return run_dir
 
 
-def _predict_rows(model, inputs: Inputs, rows, mean_emb, fallback_probs, device, amp) -> Predictions:
+def _predict_rows(model, inputs: Inputs, rows, mean_emb, fallback_probs, device, amp, acc=None) -> Predictions:
     """Predictions for ``rows`` (all of them: invalid images get the constant mean / label frequencies)."""
     rows = np.asarray(rows, dtype=np.int64)
     emb = np.tile(mean_emb, (len(rows), 1))
     probs = None if fallback_probs is None else np.tile(fallback_probs, (len(rows), 1))
-    got = engine.validate(model, inputs.chunks(rows), device, amp) if len(rows) else None
+    got = _evaluate(model, inputs, rows, device, amp, acc) if len(rows) else None
     ok = np.array([inputs.valid[r] for r in rows], bool)
     if got is not None and ok.any():
         emb[ok] = got["emb"]
@@ -515,14 +690,16 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m revsd.train exp=demo backbone=effnet_lite0 epochs=20`` (key=value TrainConfig overrides)."""
+    """``python -m revsd.train exp=demo backbone=effnet_lite0 epochs=20`` (key=value TrainConfig overrides); the same
+    arguments after ``accelerate launch [--multi_gpu --num_processes N] -m revsd.train`` for multi-GPU finetuning."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="revsd.train", description="03_train: " + __doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help=f"key=value, keys: {', '.join(TrainConfig.field_names())}")
     args = ap.parse_args(argv)
     run_dir = run(TrainConfig.from_dict(parse_overrides(args.overrides)))
-    print(f"{run_dir}: {json.dumps(load_metrics(run_dir))}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, also under accelerate launch
+        print(f"{run_dir}: {json.dumps(load_metrics(run_dir))}")
     return 0
 
 
