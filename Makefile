@@ -30,8 +30,9 @@ test: setup            ## the test suite
 data: setup            ## fetch a real DiffusionDB subset into input/diffusiondb (needs internet)
 	$(BIN)/revsd data fetch --subset $(SUBSET) --out input/diffusiondb
 
-bench: setup           ## speed/memory benchmarks; results in bench/results/
-	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+CPU_BENCH := bench/bench_filter.py bench/bench_features.py bench/bench_dakl.py bench/bench_predict.py bench/curriculum_effect.py
+bench: setup           ## CPU speed/memory benchmarks; results in bench/results/ (GPU: see README)
+	for b in $(CPU_BENCH); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean-working:
 	rm -rf working/*/ working/report.md
