@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pandas as pd
 import pytest
 
 from revsd import cli, paths, pipeline
@@ -94,3 +95,20 @@ def test_cli_dispatch_and_errors(capsys):
     assert "03_train_effnet_lite0" in capsys.readouterr().out
     assert cli.main(["pipeline", "--profile", "no-such-profile"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_the_whole_pipeline(capsys):
+    """The main job's shape end to end: every stage through papermill on 60 sample images, then the headline."""
+    from revsd.submission import read_submission
+
+    assert cli.main(["pipeline", "--profile", "smoke", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "== revsd: done ==" in out and "constant mean" in out
+    ids, emb = read_submission(paths.submissions_dir() / "submission.csv")
+    test_ids = pd.read_parquet(paths.filtered_table("smoke")).query("split == 'test'")["image_id"]
+    assert sorted(ids) == sorted(test_ids.astype(str)) and emb.shape == (len(test_ids), 384)
+    report = (paths.working_dir() / "report.md").read_text()
+    assert "effnet_lite0" in report and "curriculum" in report and "DAKL" in report
+    rows = list(csv.DictReader(open(paths.working_dir() / "notebooks" / "smoke" / "status.csv")))
+    assert [r["status"] for r in rows] == ["ok"] * 6
