@@ -547,28 +547,31 @@ def run(cfg: TrainConfig, batch_sampler=None, stage: str = STAGE) -> Path:
         if main:
             save_predictions(run_dir / f"preds_{name}.npz", preds)
         out[name] = engine.mean_cosine(preds.emb, ts.emb[rows]) if len(rows) else float("nan")
-    if not main:
-        acc.end_training()  # waits for the main process to finish writing
-        return run_dir
-    if inputs.errors:
-        with atomic_path(run_dir / "invalid_images.csv") as tmp:
-            pd.DataFrame({"image_id": list(inputs.errors), "error": list(inputs.errors.values())}).to_csv(
-                tmp, index=False)
-        print(f"WARNING: {len(inputs.errors)} unreadable images (listed in {run_dir / 'invalid_images.csv'}); "
-              "they were left out of training and predicted as the constant mean embedding")
-    write_json(run_dir / "metrics.json", {
-        "run": run_dir.name, "stage": stage, "backbone": cfg.backbone, "variant": resolve_variant(cfg),
-        "head_config": cfg.head_config if words else "none", "lambda": cfg.lam, "vocab_size": len(words),
-        "mode": cfg.mode, "epochs": n_epochs, "steps": step, "val_cosine": out["oof"], "test_cosine": out["test"],
-        "const_mean_val": engine.mean_cosine(np.tile(mean_emb, (len(va), 1)), ts.emb[va]) if len(va) else float("nan"),
-        "const_mean_test": engine.mean_cosine(np.tile(mean_emb, (len(te), 1)), ts.emb[te]) if len(te) else float("nan"),
-    })
-    for name in ("last.safetensors", "last_ema.safetensors", "last_state.pt", "last.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    write_text(run_dir / "DONE", "")
+    if main:  # only the main process writes
+        if inputs.errors:
+            with atomic_path(run_dir / "invalid_images.csv") as tmp:
+                pd.DataFrame({"image_id": list(inputs.errors), "error": list(inputs.errors.values())}).to_csv(
+                    tmp, index=False)
+            print(f"WARNING: {len(inputs.errors)} unreadable images (listed in {run_dir / 'invalid_images.csv'}); "
+                  "they were left out of training and predicted as the constant mean embedding")
+        write_json(run_dir / "metrics.json", {
+            "run": run_dir.name, "stage": stage, "backbone": cfg.backbone, "variant": resolve_variant(cfg),
+            "head_config": cfg.head_config if words else "none", "lambda": cfg.lam, "vocab_size": len(words),
+            "mode": cfg.mode, "epochs": n_epochs, "steps": step, "val_cosine": out["oof"], "test_cosine": out["test"],
+            "const_mean_val": _const_cosine(mean_emb, ts.emb[va]), "const_mean_test": _const_cosine(mean_emb, ts.emb[te]),
+        })
+        for name in ("last.safetensors", "last_ema.safetensors", "last_state.pt", "last.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        write_text(run_dir / "DONE", "")
     if acc is not None:
+        acc.wait_for_everyone()  # everyone leaves together, after the main process has written DONE
         acc.end_training()
     return run_dir
+
+
+def _const_cosine(mean_emb: np.ndarray, targets: np.ndarray) -> float:
+    """Mean cosine of the constant-mean-embedding baseline (nan for no rows)."""
+    return engine.mean_cosine(np.tile(mean_emb, (len(targets), 1)), targets) if len(targets) else float("nan")
 
 
 def _predict_rows(model, inputs: Inputs, rows, mean_emb, fallback_probs, device, amp, acc=None) -> Predictions:
