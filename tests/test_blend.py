@@ -6,7 +6,7 @@ import pytest
 
 from revsd import artifacts, blend, paths
 from revsd.artifacts import Predictions, load_predictions, save_predictions
-from revsd.dakl import mean_cosine
+from revsd.metrics import mean_cosine
 from revsd.submission import read_submission
 
 

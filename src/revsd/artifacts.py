@@ -64,6 +64,12 @@ def save_parquet(path: str | Path, df) -> Path:
     return Path(path)
 
 
+def save_csv(path: str | Path, df, index: bool = False, **to_csv_kwargs) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=index, **to_csv_kwargs)
+    return Path(path)
+
+
 def append_csv_row(path: str | Path, row: dict) -> None:
     """Append one row (e.g. an epoch) to a CSV, writing the header if the file is new. Flushed at once."""
     path = Path(path)

@@ -21,6 +21,7 @@ import pandas as pd
 from revsd import artifacts, dakl, paths, submission
 from revsd.artifacts import Predictions, load_predictions, read_json, save_predictions, write_json
 from revsd.config import StageConfig
+from revsd.metrics import mean_cosine, row_cosines
 
 STAGE = "06_dakl_ensemble"
 RUN_STAGES = ("03_train", "05_curriculum")
@@ -195,8 +196,8 @@ def _grid(text: str, name: str) -> list[float]:
 
 def _scores(preds: dict, y: dict, const: np.ndarray) -> dict:
     """Mean cosine per method on OOF and test; the constant-mean baseline beside them."""
-    scores = {m: {s: dakl.mean_cosine(preds[s][m], y[s]) for s in ("oof", "test")} for m in METHODS}
-    scores["constant_mean"] = {s: dakl.mean_cosine(np.broadcast_to(const, y[s].shape), y[s]) for s in ("oof", "test")}
+    scores = {m: {s: mean_cosine(preds[s][m], y[s]) for s in ("oof", "test")} for m in METHODS}
+    scores["constant_mean"] = {s: mean_cosine(np.broadcast_to(const, y[s].shape), y[s]) for s in ("oof", "test")}
     return scores
 
 
@@ -206,8 +207,8 @@ def _write_outputs(cfg: EnsembleConfig, ids: np.ndarray, preds: dict, y: np.ndar
     out = paths.stage_dir(STAGE, cfg.exp)
     sub_path = submission.write_submission(ids, preds[final], paths.submissions_dir() / "submission.csv")
     final_path = save_predictions(out / "final.npz", Predictions(ids, preds[final]))
-    per_image = {"constant_mean": dakl.row_cosines(np.broadcast_to(const, y.shape), y)}
-    per_image |= {m: dakl.row_cosines(preds[m], y) for m in METHODS}
+    per_image = {"constant_mean": row_cosines(np.broadcast_to(const, y.shape), y)}
+    per_image |= {m: row_cosines(preds[m], y) for m in METHODS}
     artifacts.save_parquet(out / "test_cosines.parquet", pd.DataFrame({"image_id": ids, **per_image}))
     artifacts.save_parquet(out / "dakl_grid.parquet", grid)
     write_json(out / "ensemble.json", summary)

@@ -253,10 +253,8 @@ def run(cfg: CurriculumConfig) -> Path:
     print(f"{cfg.heuristic} chunks from 04_difficulty/{cfg.exp}/{cfg.difficulty_run}; schedule:\n"
           + sampler.stage_table().to_string(index=False))
     # written before training, so DONE (written last by train.run) marks the whole directory complete
-    with artifacts.atomic_path(run_dir / "chunks.csv") as tmp:
-        chunk_table.to_csv(tmp, index=False)
-    with artifacts.atomic_path(run_dir / "schedule.csv") as tmp:
-        sampler.stage_table().to_csv(tmp, index=False)
+    artifacts.save_csv(run_dir / "chunks.csv", chunk_table)
+    artifacts.save_csv(run_dir / "schedule.csv", sampler.stage_table())
     artifacts.write_json(run_dir / "curriculum.json", cfg.to_dict())
     return train.run(tcfg, batch_sampler=sampler, stage=STAGE)
 

@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from revsd.metrics import mean_cosine
+
 
 @dataclasses.dataclass(frozen=True)
 class DaklParams:
@@ -143,16 +145,6 @@ def dakl(train_x: np.ndarray, train_y: np.ndarray, target_x: np.ndarray, params:
     return dakl_predict(cx, cy, target_x, params.gamma, params.alpha, **kw)
 
 
-def mean_cosine(pred: np.ndarray, target: np.ndarray) -> float:
-    return float(row_cosines(pred, target).mean())
-
-
-def row_cosines(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    p = np.asarray(pred, dtype=np.float64)
-    t = np.asarray(target, dtype=np.float64)
-    return (p * t).sum(1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(t, axis=1))
-
-
 def tune_dakl(train_x: np.ndarray, train_y: np.ndarray, oof_x: np.ndarray, oof_y: np.ndarray,
               gammas: Sequence[float] = (1.0, 3.0, 10.0, 30.0), rs: Sequence[int] = (64, 256, 1024),
               alphas: Sequence[float] = (0.1, 1.0, 10.0), seed: int = 0, **kw) -> tuple[DaklParams, pd.DataFrame]:
@@ -173,5 +165,4 @@ def tune_dakl(train_x: np.ndarray, train_y: np.ndarray, oof_x: np.ndarray, oof_y
     return DaklParams(float(best.gamma), int(best.r), float(best.alpha)), grid
 
 
-__all__ = ["DaklParams", "kernel_features", "centroids", "dakl_predict", "dakl", "tune_dakl", "mean_cosine",
-           "row_cosines"]
+__all__ = ["DaklParams", "kernel_features", "centroids", "dakl_predict", "dakl", "tune_dakl"]

@@ -86,8 +86,7 @@ def run(cfg: DifficultyConfig) -> Path:
     else:
         source = run_dir = train.run(tcfg, stage=STAGE)
     table = difficulty_table(pd.read_csv(source / "sample_cosines.csv", dtype={"image_id": str}))
-    with artifacts.atomic_path(run_dir / "difficulty.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    artifacts.save_csv(run_dir / "difficulty.csv", table)
     invalid = source / "invalid_images.csv"  # unreadable images: skipped by the engine, so never scored
     artifacts.write_json(run_dir / "difficulty.json", {
         "config": cfg.to_dict(), "cosines_from": source.relative_to(paths.working_dir()).as_posix(),

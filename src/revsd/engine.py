@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revsd.artifacts import atomic_path, write_json
+from revsd.metrics import row_cosines
 
 
 # --- optimizer / scheduler ------------------------------------------------------------------------------------
@@ -197,19 +198,6 @@ def predict(model: nn.Module, batches: Iterable[dict], device="cpu", amp: bool =
     """``(emb (n, 384) L2-normalised, probs (n, m) or None)`` in batch order, eval mode."""
     emb, probs, _ = _forward_all(model, batches, device, amp)
     return emb, probs
-
-
-def mean_cosine(emb: np.ndarray, targets: np.ndarray) -> float:
-    """Mean row-wise cosine of two (n, d) arrays (normalises both)."""
-    if len(emb) == 0:
-        return float("nan")
-    return float(row_cosines(emb, targets).mean())
-
-
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(1)
 
 
 def validate(model: nn.Module, batches: Iterable[dict], device="cpu", amp: bool = False) -> dict:

@@ -36,7 +36,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
 from revsd import paths
-from revsd.artifacts import atomic_path, save_parquet
+from revsd.artifacts import save_csv, save_parquet
 from revsd.config import StageConfig
 from revsd.data import DataError, check_images, load_dataset
 
@@ -266,11 +266,6 @@ def apply_rules(df: pd.DataFrame, cfg: FilterConfig) -> tuple[pd.DataFrame, pd.D
     return df, report.table(), bad
 
 
-def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
 def run(cfg: FilterConfig) -> pd.DataFrame:
     """Load ``cfg.source``, apply the rules, split, and write filtered.parquet + reports; returns the table."""
     root = resolve_source(cfg.source)
@@ -288,8 +283,8 @@ def run(cfg: FilterConfig) -> pd.DataFrame:
 
     out = paths.stage_dir(STAGE, cfg.exp)
     save_parquet(out / "filtered.parquet", df.assign(image_path=df["image_path"].map(paths.portable)))
-    _write_csv(out / "filter_report.csv", report)
-    _write_csv(out / "bad_images.csv", bad)
+    save_csv(out / "filter_report.csv", report)
+    save_csv(out / "bad_images.csv", bad)
     cfg.save(out / "config.json")
     print(f"01_filter: {root} -> {out}")
     print(report.to_string(index=False))

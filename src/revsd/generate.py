@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from revsd.artifacts import atomic_path, write_text
+from revsd.artifacts import atomic_path, save_csv, write_text
 from revsd.unet_encoder import SD_MODEL_ID, extract_encoder_state, tiny_sd_parts
 
 MANIFEST_COLUMNS = ["pair_id", "prompt", "seed", "original", "ours"]
@@ -189,8 +189,7 @@ def read_prompts(path: str | Path) -> list[str]:
 def write_manifest(out_dir: Path, rows: list[dict]) -> Path:
     path = out_dir / "manifest.jsonl"
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    with atomic_path(out_dir / "manifest.csv") as tmp:
-        pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(tmp, index=False)
+    save_csv(out_dir / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
     return path
 
 

@@ -184,7 +184,7 @@ def run_profile(profile: Profile, only=None, start=None, progress: bool = True) 
         try:
             out = execute_notebook(step.notebook, step.params, out_dir, step.name, progress=progress)
             row["notebook"] = str(out)
-        except Exception as e:
+        except Exception:
             row.update(status="failed", seconds=round(time.time() - t0, 1))
             append_csv_row(status, row)
             raise

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from revsd.artifacts import atomic_path, write_text
+from revsd.artifacts import save_csv, write_text
 
 ASSETS = Path(__file__).with_name("study_assets")
 SIDES = ("original", "ours")  # server side only; never rendered
@@ -174,8 +174,7 @@ def write_tally(db_path: str | Path, out_dir: str | Path | None = None) -> pd.Da
     table = tally(StudyDB(db_path).votes())
     out = Path(out_dir or db_path.parent)
     write_text(out / "tally.md", "# Human study (paper Table 3)\n\n" + to_markdown(table))
-    with atomic_path(out / "tally.csv") as tmp:
-        table.to_csv(tmp)
+    save_csv(out / "tally.csv", table, index=True)
     return table
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from revsd.artifacts import atomic_path
+from revsd.artifacts import save_csv
 
 EMB_DIM = 384
 _BAD_ID = re.compile(r"[\s,\"']")
@@ -46,9 +46,7 @@ def write_submission(ids, emb: np.ndarray, path: str | Path) -> Path:
     ids, emb = validate(ids, emb)
     keys = np.char.add(np.char.add(np.repeat(ids, EMB_DIM), "_"), np.tile(np.arange(EMB_DIM).astype(str), len(ids)))
     df = pd.DataFrame({"imgId_eId": keys, "val": emb.reshape(-1)})
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.7g")
-    return Path(path)
+    return save_csv(path, df, float_format="%.7g")
 
 
 def read_submission(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -31,10 +31,12 @@ import pandas as pd
 import torch
 
 from revsd import engine, features, paths
-from revsd.artifacts import Predictions, append_csv_row, atomic_path, read_json, save_predictions, write_json, \
+from revsd.artifacts import Predictions, append_csv_row, read_json, save_csv, save_predictions, write_json, \
     write_text
 from revsd.backbones import create_backbone, fuse_conv_bn, get_spec
 from revsd.config import ConfigError, StageConfig
+from revsd.metrics import mean_cosine, row_cosines
+from revsd.targets import resolve_device
 from revsd.heads import HEAD_CONFIGS, PromptHead, RevSDModel
 from revsd.images import to_rgb
 
@@ -87,10 +89,6 @@ def resolve_variant(cfg: TrainConfig) -> str:
 
 def run_name(cfg: TrainConfig) -> str:
     return cfg.run or f"{cfg.backbone}_{resolve_variant(cfg)}_f{cfg.fold}_s{cfg.seed}"
-
-
-def resolve_device(device: str = "") -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check(cfg: TrainConfig) -> None:
@@ -293,8 +291,7 @@ def _rewrite_until(path: Path, epoch: int) -> None:
     """Drop rows of epochs after ``epoch`` (written before an interruption, redone on resume)."""
     if path.exists() and path.stat().st_size:
         df = pd.read_csv(path, dtype={"image_id": str})
-        with atomic_path(path) as tmp:
-            df[df["epoch"] <= epoch].to_csv(tmp, index=False)
+        save_csv(path, df[df["epoch"] <= epoch])
 
 
 # --- several processes (accelerate launch) --------------------------------------------------------------------
@@ -405,7 +402,7 @@ def _evaluate(net, inputs: Inputs, rows: np.ndarray, device: str, amp: bool, acc
         return {"cos": float("nan"), "cosines": np.zeros(0, np.float32), "emb": np.zeros((0, 0), np.float32),
                 "probs": None}
     emb = np.concatenate(embs)
-    cosines = engine.row_cosines(emb, inputs.ts.emb[np.concatenate(kept)])
+    cosines = row_cosines(emb, inputs.ts.emb[np.concatenate(kept)])
     return {"cos": float(cosines.mean()), "cosines": cosines, "emb": emb,
             "probs": np.concatenate(probs) if probs else None}
 
@@ -546,12 +543,11 @@ def run(cfg: TrainConfig, batch_sampler=None, stage: str = STAGE) -> Path:
         preds = _predict_rows(model, inputs, rows, mean_emb, fallback_probs, device, use_amp, acc)
         if main:
             save_predictions(run_dir / f"preds_{name}.npz", preds)
-        out[name] = engine.mean_cosine(preds.emb, ts.emb[rows]) if len(rows) else float("nan")
+        out[name] = mean_cosine(preds.emb, ts.emb[rows])
     if main:  # only the main process writes
         if inputs.errors:
-            with atomic_path(run_dir / "invalid_images.csv") as tmp:
-                pd.DataFrame({"image_id": list(inputs.errors), "error": list(inputs.errors.values())}).to_csv(
-                    tmp, index=False)
+            save_csv(run_dir / "invalid_images.csv",
+                     pd.DataFrame({"image_id": list(inputs.errors), "error": list(inputs.errors.values())}))
             print(f"WARNING: {len(inputs.errors)} unreadable images (listed in {run_dir / 'invalid_images.csv'}); "
                   "they were left out of training and predicted as the constant mean embedding")
         write_json(run_dir / "metrics.json", {
@@ -571,7 +567,7 @@ def run(cfg: TrainConfig, batch_sampler=None, stage: str = STAGE) -> Path:
 
 def _const_cosine(mean_emb: np.ndarray, targets: np.ndarray) -> float:
     """Mean cosine of the constant-mean-embedding baseline (nan for no rows)."""
-    return engine.mean_cosine(np.tile(mean_emb, (len(targets), 1)), targets) if len(targets) else float("nan")
+    return mean_cosine(np.broadcast_to(mean_emb, targets.shape), targets)
 
 
 def _predict_rows(model, inputs: Inputs, rows, mean_emb, fallback_probs, device, amp, acc=None) -> Predictions:
