@@ -59,3 +59,12 @@ def test_packaged_effnet_weights_classify_a_known_picture():
     bb = create_backbone("effnet_lite0")  # registry path: classifier dropped, same trunk weights
     assert bb.feature_dim == 1280
     assert torch.equal(bb.net.conv_stem.weight, model.conv_stem.weight)
+
+
+def test_hub_weights_are_announced_and_fail_clearly_offline(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="could not load pretrained weights.*effnet_lite0"):
+        create_backbone("vit_b16", pretrained=True)
+    assert "through the hub" in capsys.readouterr().out
+    create_backbone("effnet_lite0", pretrained=True)  # packaged weights: no hub, no announcement
+    assert "through the hub" not in capsys.readouterr().out

@@ -176,6 +176,9 @@ def get_spec(name: str) -> BackboneSpec:
 
 def create_backbone(name: str, pretrained: bool = True, tiny: bool = False) -> Backbone:
     spec = get_spec(name)
+    if pretrained and not tiny and "(packaged)" not in spec.pretrained_tag:
+        print(f"backbone {name}: loading pretrained weights {spec.pretrained_tag!r} through the hub "
+              "(downloaded once into the library's cache; pretrained=False for random init)", flush=True)
     try:
         with torch.random.fork_rng(devices=[]):  # tiny random-init models are the same on every call
             torch.manual_seed(0)
