@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from revsd import difficulty, paths, train
+from revsd import difficulty, paths, runs, train
 
 
 def test_difficulty_table_is_the_mean_over_epochs():
@@ -79,7 +79,7 @@ def test_reuses_a_matching_03_train_run_only_when_settings_match(difficulty_run,
     b = difficulty.difficulty_table(pd.read_csv(plain_dir / "sample_cosines.csv", dtype={"image_id": str}))
     pd.testing.assert_frame_equal(a, b)
     # other settings (a different seed) do not match: a fresh preliminary run
-    assert difficulty.matching_runs("03_train", cfg.replace(seed=cfg.seed + 1).train_config()) == []
+    assert runs.matching_runs("03_train", cfg.replace(seed=cfg.seed + 1).train_config().to_dict()) == []
 
 
 @pytest.mark.slow

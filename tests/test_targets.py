@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from revsd import paths, targets
+from revsd import device, paths, targets
 from revsd.artifacts import save_parquet
 
 WEATHER = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
@@ -46,7 +46,7 @@ def test_shape_norm_determinism_and_batch_invariance(weather_emb):
 
 def test_load_minilm_is_cached_per_model_and_device():
     assert targets.load_minilm("", "cpu") is targets.load_minilm("", "cpu")
-    assert targets.resolve_device("") in ("cpu", "cuda") and targets.resolve_device("cpu") == "cpu"
+    assert device.resolve_device("") in ("cpu", "cuda") and device.resolve_device("cpu") == "cpu"
 
 
 def test_other_model_from_a_local_folder(tmp_path):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from revsd import artifacts, targets, train
+from revsd import artifacts, runs, targets, train
 from revsd.config import ConfigError
 from revsd.images import open_rgb
 
@@ -158,7 +158,7 @@ def test_notebook_smoke(prepared_exp, tmp_path):
     out = execute_notebook("03_train", {"exp": prepared_exp, "backbone": "effnet_lite0", "run": "nb", "epochs": 2,
                                         "tiny": True, "smoke": True}, tmp_path, output_name="03_train_effnet_lite0")
     assert out.exists()
-    assert (train.finished_runs(prepared_exp)[0].parent / "nb" / "DONE").exists()
+    assert (runs.finished_runs(prepared_exp)[0].parent / "nb" / "DONE").exists()
 
 
 def test_command_line_overrides_are_typed_and_strict():

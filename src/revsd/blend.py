@@ -19,53 +19,12 @@ import numpy as np
 import pandas as pd
 
 from revsd import artifacts, dakl, paths, submission
-from revsd.artifacts import Predictions, load_predictions, read_json, save_predictions, write_json
+from revsd.artifacts import Predictions, read_json, save_predictions, write_json
 from revsd.config import StageConfig
 from revsd.metrics import mean_cosine, row_cosines
+from revsd.runs import RUN_STAGES, SPLIT_FILES, RunInfo, discover_runs
 
 STAGE = "06_dakl_ensemble"
-RUN_STAGES = ("03_train", "05_curriculum")
-SPLIT_FILES = {"train": "preds_train.npz", "oof": "preds_oof.npz", "test": "preds_test.npz"}
-
-
-@dataclasses.dataclass(frozen=True)
-class RunInfo:
-    """A finished run directory and its metrics.json."""
-
-    stage: str
-    path: Path
-    metrics: dict
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def backbone(self) -> str:
-        return str(self.metrics.get("backbone", "?"))
-
-    @property
-    def variant(self) -> str:
-        return str(self.metrics.get("variant", "?"))
-
-    @property
-    def val_cosine(self) -> float:
-        return float(self.metrics.get("val_cosine", float("nan")))
-
-    def preds(self, split: str) -> Predictions:
-        return load_predictions(self.path / SPLIT_FILES[split])
-
-
-def discover_runs(exp: str, stages: Sequence[str] = RUN_STAGES) -> list[RunInfo]:
-    """Every finished run (``DONE`` present) of ``exp`` under ``working/<stage>/<exp>/``, sorted by stage and name."""
-    runs = []
-    for stage in stages:
-        for done in sorted(paths.stage_dir(stage, exp, create=False).glob("*/DONE")):
-            mfile = done.parent / "metrics.json"
-            if not mfile.exists():
-                raise FileNotFoundError(f"{done.parent} is marked DONE but has no metrics.json: rerun that run")
-            runs.append(RunInfo(stage, done.parent, read_json(mfile)))
-    return runs
 
 
 def select_runs(runs: Sequence[RunInfo], which: str = "best") -> list[RunInfo]:

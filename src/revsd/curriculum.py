@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from revsd import artifacts, difficulty, paths, targets, train
+from revsd import artifacts, difficulty, paths, runs, targets, train
 from revsd.config import ConfigError
 from revsd.difficulty import STAGE as STAGE_04
 
@@ -194,7 +194,7 @@ def resolve_difficulty_run(cfg: CurriculumConfig) -> str:
                for p in sorted(root.glob("*/difficulty.csv"))}
     found = [name for name, c in configs.items() if c.get("backbone") == cfg.backbone]
     if len(found) > 1:
-        want = {k: v for k, v in difficulty.as_train_config(cfg).to_dict().items() if k not in difficulty.NEUTRAL}
+        want = {k: v for k, v in difficulty.as_train_config(cfg).to_dict().items() if k not in runs.NEUTRAL_FIELDS}
         found = [name for name in found if all(configs[name].get(k) == v for k, v in want.items())] or found
     if not found:
         raise FileNotFoundError(f"no 04_difficulty run for exp {cfg.exp!r} and backbone {cfg.backbone!r} under "
@@ -285,22 +285,22 @@ def baseline_run_for(run_dir: str | Path, name: str = "") -> Path | None:
     cfg = CurriculumConfig.from_dict(artifacts.read_json(Path(run_dir) / "curriculum.json"))
     if name:
         return paths.stage_dir("03_train", cfg.exp, name, create=False)
-    found = [p for p in difficulty.matching_runs("03_train", cfg.train_config())
+    found = [p for p in runs.matching_runs("03_train", cfg.train_config().to_dict())
              if not train.load_metrics(p).get("variant", "").startswith("curriculum")]
     return found[0] if found else None
 
 
 def compare_with_plain(run_dir: str | Path, plain_run: str = "") -> Comparison:
     """Learning curves and held-out cosines of this run next to the 03_train run with the same settings."""
-    runs = [Path(run_dir)]
+    run_dirs = [Path(run_dir)]
     baseline = baseline_run_for(run_dir, plain_run)
     if baseline is None:
         print("no finished 03_train run with these settings: run notebooks/03_train.py to compare")
     else:
-        runs.insert(0, baseline)
+        run_dirs.insert(0, baseline)
     metrics = pd.DataFrame([{"run_dir": r.relative_to(paths.working_dir()).as_posix(), **train.load_metrics(r)}
-                            for r in runs])
-    curves = pd.concat([train.load_summary(r).assign(variant=v) for r, v in zip(runs, metrics["variant"])],
+                            for r in run_dirs])
+    curves = pd.concat([train.load_summary(r).assign(variant=v) for r, v in zip(run_dirs, metrics["variant"])],
                        ignore_index=True)
     cols = ["run_dir", "variant", "val_cosine", "test_cosine", "const_mean_val", "const_mean_test", "steps"]
     return Comparison(curves, metrics[[c for c in cols if c in metrics]])

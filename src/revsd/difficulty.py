@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from revsd import artifacts, paths, train
+from revsd import artifacts, paths, runs, train
 
 log = logging.getLogger(__name__)
 
 STAGE = "04_difficulty"
-NEUTRAL = ("run", "variant", "stop_after_epoch", "num_workers", "device")  # fields that do not change a result
 
 
 def as_train_config(cfg: "train.TrainConfig", **changes) -> "train.TrainConfig":
@@ -57,18 +56,6 @@ def difficulty_table(sample_cosines: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def matching_runs(stage: str, tcfg: "train.TrainConfig", ignore=NEUTRAL) -> list[Path]:
-    """Finished runs of ``stage`` whose config.json equals ``tcfg`` in every field except ``ignore``."""
-    want = {k: v for k, v in tcfg.to_dict().items() if k not in ignore}
-    found = []
-    for run_dir in train.finished_runs(tcfg.exp, stage):
-        if (run_dir / "config.json").exists():
-            have = artifacts.read_json(run_dir / "config.json")
-            if all(have.get(k, object()) == v for k, v in want.items()):
-                found.append(run_dir)
-    return found
-
-
 def difficulty_path(exp: str, run: str) -> Path:
     return paths.stage_dir(STAGE, exp, run, create=False) / "difficulty.csv"
 
@@ -76,7 +63,7 @@ def difficulty_path(exp: str, run: str) -> Path:
 def run(cfg: DifficultyConfig) -> Path:
     """Score every training image; returns the run directory holding ``difficulty.csv``."""
     tcfg = cfg.train_config()
-    reusable = [p for p in matching_runs("03_train", tcfg) if (p / "sample_cosines.csv").exists()]
+    reusable = [p for p in runs.matching_runs("03_train", tcfg.to_dict()) if (p / "sample_cosines.csv").exists()]
     if cfg.reuse and reusable:
         source = reusable[0]
         log.info("reusing sample_cosines.csv of the finished 03_train run %s (same settings)", source)

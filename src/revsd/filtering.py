@@ -254,7 +254,7 @@ def apply_rules(df: pd.DataFrame, cfg: FilterConfig) -> tuple[pd.DataFrame, pd.D
         df = df[keep_one_per_cluster(labels, df["image_id"])].reset_index(drop=True)
         report.step("near_duplicates", len(df))
     if cfg.embed_dedup_threshold > 0:
-        from revsd.targets import encode_prompts
+        from revsd.textenc import encode_prompts
 
         labels = embedding_clusters(encode_prompts(df["prompt"].tolist()), cfg.embed_dedup_threshold)
         df = df[keep_one_per_cluster(labels, df["image_id"])].reset_index(drop=True)

@@ -30,38 +30,18 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from revsd import paths
+from revsd import paths, runs
 from revsd.artifacts import write_text
 from revsd.images import ImageError, list_images, open_rgb
 from revsd.retrieval import PromptBank, TextChooser, default_bank, encode, load_bank, modifier_bank
 
-RUN_STAGES = ("03_train", "05_curriculum")
 NO_MODEL_HELP = ("no trained model found under {where}: train one with `make demo` "
                  "(or `revsd pipeline --profile demo`), or pass --model RUN_DIR")
 
 
-def complete_runs() -> list[Path]:
-    """Every complete run directory (one with ``DONE``) under ``working/{03_train,05_curriculum}/<exp>/``."""
-    w = paths.working_dir()
-    return sorted(d.parent for stage in RUN_STAGES for d in w.glob(f"{stage}/*/*/DONE"))
-
-
-def _val_cosine(run: Path) -> float:
-    try:
-        v = json.loads((run / "metrics.json").read_text()).get("val_cosine")
-        return float(v) if v is not None else float("-inf")
-    except (OSError, ValueError, TypeError):
-        return float("-inf")
-
-
 def default_model_dir() -> Path | None:
-    """Best ``val_cosine`` run of the experiment whose run finished last; None when there is no complete run."""
-    runs = complete_runs()
-    if not runs:
-        return None
-    mtime = {r: (r / "DONE").stat().st_mtime for r in runs}
-    exp = max(runs, key=mtime.get).parent.name
-    return max((r for r in runs if r.parent.name == exp), key=lambda r: (_val_cosine(r), mtime[r]))
+    """Best ``val_cosine`` run of the experiment whose run finished last (``revsd.runs.latest_best_run``)."""
+    return runs.latest_best_run()
 
 
 def confident_words(probs: np.ndarray | None, words: Sequence[str], threshold: float) -> list[list[tuple[str, float]]]:
@@ -168,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model_dir = Path(args.model) if args.model else default_model_dir()
     if model_dir is None:
-        print("revsd predict: " + NO_MODEL_HELP.format(where=f"{paths.working_dir()}/{{{','.join(RUN_STAGES)}}}"),
+        print("revsd predict: " + NO_MODEL_HELP.format(where=f"{paths.working_dir()}/{{{','.join(runs.RUN_STAGES)}}}"),
               file=sys.stderr)
         return 1
     try:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from revsd import paths
 from revsd.artifacts import atomic_path, read_json, write_text
+from revsd.runs import discover_runs
 
 STAGE = "06_dakl_ensemble"
 VARIANT_LABELS = {
@@ -130,8 +131,6 @@ def plot_test_histogram(cosines: pd.DataFrame, path: Path) -> Path:
 
 def build_report(exp: str) -> Path:
     """Write the report for ``exp`` from the files on disk; returns ``working/report.md``."""
-    from revsd.blend import discover_runs
-
     runs = discover_runs(exp)
     out = paths.stage_dir(STAGE, exp)
     ens_path = out / "ensemble.json"

