@@ -12,9 +12,11 @@
 
 # %% [markdown]
 # # 01 — filter prompts, drop near duplicates, split into train/val/test and folds
-# Reads: `input/<source>/` (DiffusionDB on-disk format or Kaggle layout; default: the embedded sample).
+# Reads: `input/<source>/` (DiffusionDB on-disk format or Kaggle layout; default: the embedded sample); `source` is a
+# folder under input/ or an absolute path, e.g. one written by `revsd data fetch` or `revsd data import`.
 # Writes: `working/01_filter/<exp>/filtered.parquet` (image_id, image_path, prompt, group, split, fold + metadata),
-# `filter_report.csv` (rows after each rule), `bad_images.csv`, `config.json`.
+# `filter_report.csv` (rows after each rule), `bad_images.csv`, `skipped_inputs.csv` (image files no table row
+# lists), `config.json`. Rule 3 and the grouping are explained in docs/filtering.md.
 
 # %% tags=["parameters"]
 exp = "demo"
@@ -57,6 +59,9 @@ df.groupby(["split", "fold"])["group"].agg(rows="size", groups="nunique")
 
 # %%
 pd.read_csv(out / "bad_images.csv")
+
+# %%
+pd.read_csv(out / "skipped_inputs.csv")
 
 # %%
 df.sample(min(8, len(df)), random_state=0)[["image_id", "prompt", "group", "split", "fold"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,55 +48,84 @@ def test_min_words_and_null(prompt, keep):
 # ---------------------------------------------------------------------------------------------- rule 3
 
 
+def kept(prompts, n=50, ids=None, **cols) -> list[bool]:
+    return filtering.near_duplicate_keep(table(list(prompts), ids, **cols), n).tolist()
+
+
+def greedy_reference(prompts: list[str], n: int) -> list[bool]:
+    """Rule 3 written the obvious O(n^2) way, for comparison."""
+    def same(p, q):
+        return p == q or (len(p) >= n and len(q) >= n and (p[:n] == q[:n] or p[-n:] == q[-n:]))
+
+    keep = []
+    for p in prompts:
+        keep.append(not any(k and same(p, q) for k, q in zip(keep, prompts)))
+    return keep
+
+
 def test_prefix_50_vs_49_shared_characters():
     p50 = [BASE + " by greg", BASE + " in the rain"]  # share exactly 50 leading characters
     p49 = [BASE[:49] + "X and more", BASE[:49] + "Y and more"]  # share 49, then differ; same suffix < 50
-    labels = filtering.near_duplicate_clusters(pd.Series(p50 + p49), 50)
-    assert labels[0] == labels[1]
-    assert labels[2] != labels[3]
+    assert kept(p50 + p49) == [True, False, True, True]
 
 
 def test_suffix_50_vs_49_shared_characters():
     p50 = ["one " + BASE, "another " + BASE]
     p49 = ["one X" + BASE[1:], "two Y" + BASE[1:]]  # last 49 characters identical
-    labels = filtering.near_duplicate_clusters(pd.Series(p50 + p49), 50)
-    assert labels[0] == labels[1] and labels[2] != labels[3]
+    assert kept(p50 + p49) == [True, False, True, True]
 
 
 def test_prompt_of_exactly_50_characters():
-    labels = filtering.near_duplicate_clusters(pd.Series([BASE, BASE + " more", "xx " + BASE, BASE[1:]]), 50)
-    assert labels[0] == labels[1] == labels[2]  # whole 50-char prompt = prefix of one, suffix of the other
-    assert labels[3] != labels[0]  # 49 characters long: too short to be a near duplicate
+    # the 50-char prompt is the prefix of one and the suffix of another; a 49-char one never matches an affix
+    assert kept([BASE, BASE + " more", "xx " + BASE, BASE[1:]]) == [True, False, False, True]
 
 
-def test_short_prompts_are_never_near_duplicates():
-    labels = filtering.near_duplicate_clusters(pd.Series(["a cat", "a cat", BASE[:49], BASE[:49]]), 50)
-    assert len(set(labels)) == 4
+def test_exact_duplicates_of_any_length_are_dropped():
+    assert kept(["a cat", "a cat", BASE[:49], BASE[:49], "a dog", "A cat"]) == [True, False, True, False, True, True]
 
 
-def test_group_of_three_by_chaining_prefix_and_suffix():
+def test_no_chaining_a_b_c():
     a = BASE + " with a dragon"
     b = BASE + " by a river, " + "trending on artstation, highly detailed, 4k octane"
     c = "zzz totally different start " + "trending on artstation, highly detailed, 4k octane"
     d = "unrelated prompt about a small red boat on a calm lake at dawn, film"
-    labels = filtering.near_duplicate_clusters(pd.Series([a, b, c, d]), 50)
-    assert labels[0] == labels[1] == labels[2] != labels[3]
-    keep = filtering.keep_one_per_cluster(labels, pd.Series(["i2", "i0", "i1", "i3"]))
-    assert keep.tolist() == [False, True, False, True]  # smallest image_id of the cluster, and d
+    # a~b (prefix), b~c (suffix), a and c share nothing: b goes, a and c stay (the old rule kept one of the three)
+    assert kept([a, b, c, d]) == [True, False, True, True]
+    rep = filtering.near_duplicate_representatives(pd.Series([a, b, c, d]), np.arange(4), 50)
+    assert rep.tolist() == [0, 0, 2, 3]
+    # the order decides who is kept: visiting b first keeps b alone (a and c both match it)
+    assert kept([a, b, c, d], ids=["i2", "i0", "i1", "i3"]) == [False, True, False, True]
 
 
-def test_keep_one_is_order_independent():
+def test_order_part_id_first_then_image_id():
+    prompts = ["a cat", "a cat", "a cat"]
+    assert kept(prompts, ids=["b", "a", "c"]) == [False, True, False]  # smallest image_id
+    assert kept(prompts, ids=["b", "a", "c"], part_id=[1, 2, 1]) == [True, False, False]  # earliest part first
+
+
+def test_matches_the_quadratic_reference_on_random_prompts():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(1, 60))
+        prompts = ["".join(rng.choice(list("ab"), int(rng.integers(1, 7)))) for _ in range(n)]
+        order = rng.permutation(n)
+        rep = filtering.near_duplicate_representatives(pd.Series(prompts), order, 3)
+        ref = greedy_reference([prompts[i] for i in order], 3)
+        assert (rep[order] == order).tolist() == ref, (trial, prompts, order)
+        assert all(rep[rep[i]] == rep[i] for i in range(n))  # every row points at a kept row
+
+
+def test_rule_3_is_order_independent_on_real_prompts():
     prompts = pd.read_parquet(paths.input_dir() / "prompts" / "diffusiondb_prompts.parquet")["prompt"].head(3000)
     df = table(filtering.strip_prompts(prompts).tolist())
-    labels = filtering.near_duplicate_clusters(df["prompt"], 50)
-    kept = set(df.loc[filtering.keep_one_per_cluster(labels, df["image_id"]), "image_id"])
-    assert 0 < len(df) - len(kept) < len(df)  # real prompts do contain near duplicates
+    survivors = set(df.loc[filtering.near_duplicate_keep(df), "image_id"])
+    assert 0 < len(df) - len(survivors) < len(df)  # real prompts do contain near duplicates
     shuffled = df.sample(frac=1, random_state=1).reset_index(drop=True)
-    labels2 = filtering.near_duplicate_clusters(shuffled["prompt"], 50)
-    assert set(shuffled.loc[filtering.keep_one_per_cluster(labels2, shuffled["image_id"]), "image_id"]) == kept
-    survivors = df[df["image_id"].isin(kept)]["prompt"]
-    long = survivors[survivors.str.len() >= 50]
-    assert long.str[:50].is_unique and long.str[-50:].is_unique
+    assert set(shuffled.loc[filtering.near_duplicate_keep(shuffled), "image_id"]) == survivors
+    left = df[df["image_id"].isin(survivors)]["prompt"]
+    long = left[left.str.len() >= 50]
+    assert left.is_unique and long.str[:50].is_unique and long.str[-50:].is_unique
+    assert filtering.near_duplicate_keep(df[df["image_id"].isin(survivors)]).all()  # idempotent
 
 
 def test_rules_report_counts():
@@ -107,6 +137,24 @@ def test_rules_report_counts():
     assert kept["prompt"].tolist() == ["a cat", BASE + " A", "a dog"] and len(bad) == 0
     kept0, report0, _ = filtering.apply_rules(df, FilterConfig(check_images=False, near_dup_chars=0))
     assert len(kept0) == 5 and "near_duplicates" not in report0["step"].tolist()
+    assert filtering.text_rules_keep(df).tolist() == df["image_id"].isin(kept["image_id"]).tolist()
+
+
+def test_corrupt_image_reported_not_dropped(sample_dir, tmp_path):
+    from revsd.data import load_dataset
+
+    df = load_dataset(sample_dir).head(6).copy()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(Path(df["image_path"].iloc[2]).read_bytes()[:300])  # truncated JPEG
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    df.loc[df.index[2], "image_path"] = str(broken)
+    df.loc[df.index[4], "image_path"] = str(text)
+    ok, bad = filtering.check_images(df, workers=2)
+    assert len(ok) + len(bad) == 6
+    assert bad["image_id"].tolist() == [df["image_id"].iloc[2], df["image_id"].iloc[4]]
+    assert bad["error"].str.contains("broken.jpg").iloc[0] and "text.jpg" in bad["error"].iloc[1]
+    assert not set(bad["image_id"]) & set(ok["image_id"])
 
 
 # ---------------------------------------------------------------------------------------------- rule 4
@@ -120,7 +168,7 @@ def test_embedding_clusters():
 
 
 def test_embed_dedup_uses_encode_prompts(monkeypatch):
-    import revsd.textenc as textenc
+    from revsd import textenc
 
     def fake_encode(prompts):  # "cat"/"kitten" prompts point the same way
         v = np.array([[1.0, 0.0] if ("cat" in p or "kitten" in p) else [0.0, 1.0] for p in prompts], np.float32)
@@ -211,6 +259,20 @@ def test_run_skips_and_reports_bad_image(sample_dir, tmp_path):
     assert bad["image_id"].tolist() == [victim.stem] and victim.name in bad["error"].iloc[0]
     assert victim.stem not in set(df["image_id"])
     assert pd.read_csv(out / "filter_report.csv").set_index("step").loc["bad_images", "dropped"] == 1
+
+
+def test_run_names_skipped_inputs(sample_dir, tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for name in ("1.png", "2.png", "3.png", "no_row.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    (tmp_path / "prompts.csv").write_text("imgId,prompt\n1,a red fox\n2,a blue whale\n3,a green frog\n")
+    df = filtering.run(FilterConfig(exp="t_skip", source=str(tmp_path), n_folds=1, val_size=0, test_size=0))
+    assert len(df) == 3
+    skipped = pd.read_csv(paths.stage_dir("01_filter", "t_skip", create=False) / "skipped_inputs.csv")
+    assert [Path(p).name for p in skipped["path"]] == ["no_row.png"]
+    assert "skipped 1 input file(s)" in capsys.readouterr().out
 
 
 def test_run_limit_and_relative_source(sample_dir, tmp_path, monkeypatch):

@@ -15,35 +15,39 @@ Kaggle layout::
 
 Every loader returns one row per image: ``image_id`` (str, unique), ``image_path`` (str, absolute), ``prompt``,
 plus the source metadata. Problems raise :class:`DataError`, whose one-line message names the file and what to do.
+Image files that no table row lists are skipped, never silently: one warning line names them and the table's
+``attrs["skipped"]`` holds ``{"path", "reason"}`` for each. Two image files with one id (``abc.png`` and
+``abc.jpg``) are an error naming both.
+
+``revsd data fetch`` writes the DiffusionDB layout from the hub (2M or Large, see :data:`RELEASES`), one part at a
+time; ``revsd data import`` (``revsd.importer``) writes it from a folder of your own images.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import os
 import re
 import shutil
-import sys
 import tempfile
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from revsd import paths
-from revsd.artifacts import save_parquet
-from revsd.images import IMAGE_EXTENSIONS, ImageError, list_images, open_rgb
+from revsd.artifacts import read_json, save_parquet, write_json
+from revsd.images import IMAGE_EXTENSIONS, list_images
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "diffusiondb", "kaggle")
 HF_REPO = "poloclub/diffusiondb"
-N_PARTS_2M = 2000  # DiffusionDB 2M: parts 1..2000, 1000 images each
-RANDOM_SUBSET_SEED = 0  # 2m_random_<N>k = N parts drawn with numpy default_rng(0) from 1..2000, sorted
+RANDOM_SUBSET_SEED = 0  # <release>_random_<N>k = N parts drawn with numpy default_rng(0), sorted
 PART_RE = re.compile(r"part-(\d{6})$")
 JSON_FIELDS = {"p": "prompt", "se": "seed", "c": "cfg", "st": "step", "sa": "sampler"}
 
@@ -77,11 +81,25 @@ def load_dataset(root: str | Path, fmt: str = "auto") -> pd.DataFrame:
     if fmt == "auto":
         fmt = detect_format(root)
     df = load_kaggle(root) if fmt == "kaggle" else load_diffusiondb(root)
-    dup = df["image_id"].duplicated()
+    dup = df["image_id"].duplicated(keep=False)
     if dup.any():
-        raise DataError(f"{root}: {int(dup.sum())} duplicate image ids, e.g. {df.loc[dup, 'image_id'].iloc[0]!r}; "
-                        "each image file name (without extension) must be unique")
+        first = df.loc[dup, "image_id"].iloc[0]
+        files = ", ".join(df.loc[df["image_id"] == first, "image_path"])
+        raise DataError(f"{root}: {df.loc[dup, 'image_id'].nunique()} image id(s) name more than one image, e.g. "
+                        f"{first!r}: {files}; each image file name (without extension) must be unique")
     return df.reset_index(drop=True)
+
+
+def _skip_unlisted(df: pd.DataFrame, folders: list[Path], listed_in: Path) -> pd.DataFrame:
+    """Record image files under ``folders`` that no row of ``df`` lists in ``df.attrs["skipped"]``; warn once."""
+    ids = set(df["image_id"])
+    unlisted = [str(p) for p in list_images(folders) if p.stem not in ids]
+    df.attrs["skipped"] = [{"path": p, "reason": f"no row in {listed_in.name}"} for p in unlisted]
+    if unlisted:
+        names = ", ".join(Path(p).name for p in unlisted[:20]) + (f" and {len(unlisted) - 20} more"
+                                                                  if len(unlisted) > 20 else "")
+        log.warning("%s: skipped %d image file(s) that have no row there: %s", listed_in, len(unlisted), names)
+    return df
 
 
 def _part_dirs(root: Path) -> dict[int, Path]:
@@ -143,8 +161,9 @@ def load_diffusiondb(root: str | Path) -> pd.DataFrame:
     folder = df["part_id"].map(lambda p: str(parts[int(p)].resolve()))
     df.insert(0, "image_path", folder + "/" + df["image_name"].astype(str))
     df.insert(0, "image_id", df["image_name"].astype(str).map(lambda s: Path(s).stem))
-    _require_files(df, meta_file if meta_file.exists() else root / "images" / "part-*" / "part-*.json")
-    return _order(df)
+    listed_in = meta_file if meta_file.exists() else root / "images" / "part-*" / "part-*.json"
+    _require_files(df, listed_in)
+    return _skip_unlisted(_order(df), list(parts.values()), listed_in)
 
 
 def load_kaggle(root: str | Path) -> pd.DataFrame:
@@ -157,12 +176,20 @@ def load_kaggle(root: str | Path) -> pd.DataFrame:
     _require_columns(table, ["imgId", "prompt"], csv, "the Kaggle layout needs columns imgId, prompt")
     _require_rows(table, csv, "add one row per image (imgId, prompt)")
     images = root / "images"
-    found = {p.stem: p for p in list_images([images])} if images.is_dir() else {}
+    files = pd.Series(list_images([images]) if images.is_dir() else [], dtype=object)
+    stems = files.map(lambda p: p.stem)
+    dup = stems.duplicated(keep=False)
+    if dup.any():
+        first = stems[dup].iloc[0]
+        raise DataError(f"{images}: {stems[dup].nunique()} image id(s) have more than one file, e.g. {first!r}: "
+                        f"{', '.join(p.name for p in files[stems == first])}; keep one file per id "
+                        "(the id is the file name without extension)")
+    found = dict(zip(stems, files))
     df = table.rename(columns={"imgId": "image_id"})
     df["image_id"] = df["image_id"].astype(str)
     df.insert(1, "image_path", [str(found.get(i, images / f"{i}.png").resolve()) for i in df["image_id"]])
     _require_files(df, csv)
-    return _order(df)
+    return _skip_unlisted(_order(df), [images] if images.is_dir() else [], csv)
 
 
 def _require_files(df: pd.DataFrame, listed_in: Path) -> None:
@@ -177,47 +204,51 @@ def _order(df: pd.DataFrame) -> pd.DataFrame:
     return df[first + [c for c in df.columns if c not in first]]
 
 
-def check_images(df: pd.DataFrame, workers: int = 4) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fully decode every image; returns ``(ok_df, bad_df)``, bad_df with image_id, image_path, error."""
-
-    def one(path: str) -> str:
-        try:
-            open_rgb(path)
-            return ""
-        except ImageError as e:
-            return str(e)
-
-    paths_ = df["image_path"].tolist()
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        errors = list(tqdm(ex.map(one, paths_), total=len(paths_), desc="check images", unit="img"))
-    bad_mask = np.array([bool(e) for e in errors], dtype=bool)
-    bad = df.loc[bad_mask, ["image_id", "image_path"]].assign(error=[e for e in errors if e])
-    for err in bad["error"]:
-        log.warning("skipping bad image: %s", err)
-    return df.loc[~bad_mask].reset_index(drop=True), bad.reset_index(drop=True)
-
-
 # ---------------------------------------------------------------------------------------------- fetching
 
 
-def subset_parts(subset: str) -> list[int]:
-    """DiffusionDB 2M part ids for a subset name: ``2m_first_<N>k`` (parts 1..N), ``2m_random_<N>k``
-    (N parts drawn without replacement by ``numpy.random.default_rng(RANDOM_SUBSET_SEED)``), ``2m_all``."""
-    if subset == "2m_all":
-        return list(range(1, N_PARTS_2M + 1))
-    m = re.fullmatch(r"2m_(first|random)_(\d+)k", subset)
-    if not m or not 1 <= int(m.group(2)) <= N_PARTS_2M:
-        raise DataError(f"unknown subset {subset!r}; use 2m_first_<N>k or 2m_random_<N>k "
-                        f"(1 <= N <= {N_PARTS_2M}, 1000 images per part) or 2m_all")
-    n = int(m.group(2))
-    if m.group(1) == "first":
-        return list(range(1, n + 1))
-    rng = np.random.default_rng(RANDOM_SUBSET_SEED)
-    return sorted(rng.choice(np.arange(1, N_PARTS_2M + 1), size=n, replace=False).tolist())
+class Release(NamedTuple):
+    """A DiffusionDB release on the hub: parts of 1000 images, the hub folders of their zips, its metadata table."""
+
+    name: str
+    n_parts: int
+    metadata: str  # on the hub; written trimmed to the parts on disk as <out>/metadata.parquet
+    folders: tuple[tuple[int, str], ...]  # (last part id, hub folder holding its part-XXXXXX.zip), ascending
+    default_out: str  # under the input dir
+
+    def part_file(self, part_id: int) -> str:
+        return f"{next(f for last, f in self.folders if part_id <= last)}/part-{part_id:06d}.zip"
 
 
-def extract_part(zip_path: str | Path, out: str | Path, part_id: int) -> Path:
-    """Unzip one part into ``<out>/images/part-XXXXXX/`` (flattened; written to a temp folder, then renamed)."""
+RELEASES = {  # subset names start with the key: 2m_first_10k, large_random_5k, large_all, ...
+    "2m": Release("DiffusionDB 2M (png)", 2000, "metadata.parquet", ((2000, "images"),), "diffusiondb"),
+    "large": Release("DiffusionDB Large (lossless webp)", 14000, "metadata-large.parquet",
+                     ((10000, "diffusiondb-large-part-1"), (14000, "diffusiondb-large-part-2")), "diffusiondb-large"),
+}
+FETCH_RECORD = "fetch.json"  # {"release", "filter_near_dup_chars"}: what a fetch folder holds
+TMP_NAME = ".fetch-tmp"  # downloads land here (not in the hub cache) and are deleted once extracted
+
+
+def parse_subset(subset: str) -> tuple[str, list[int]]:
+    """``(release key, part ids)`` for ``<release>_first_<N>k`` (parts 1..N), ``<release>_random_<N>k`` (N parts
+    drawn without replacement by ``numpy.random.default_rng(RANDOM_SUBSET_SEED)``, sorted) or ``<release>_all``."""
+    m = re.fullmatch(r"(2m|large)_(?:all|(first|random)_(\d+)k)", subset)
+    n_max = RELEASES[m.group(1)].n_parts if m else 0
+    n = int(m.group(3)) if m and m.group(3) else n_max
+    if not m or not 1 <= n <= n_max:
+        raise DataError(f"unknown subset {subset!r}; use 2m_first_<N>k, 2m_random_<N>k, 2m_all (N <= 2000) or "
+                        "large_first_<N>k, large_random_<N>k, large_all (N <= 14000); N >= 1, 1000 images per part")
+    if m.group(2) == "random":
+        rng = np.random.default_rng(RANDOM_SUBSET_SEED)
+        return m.group(1), sorted(rng.choice(np.arange(1, n_max + 1), size=n, replace=False).tolist())
+    return m.group(1), list(range(1, n + 1))
+
+
+def extract_part(zip_path: str | Path, out: str | Path, part_id: int, keep: set[str] | None = None) -> Path:
+    """Unzip one part into ``<out>/images/part-XXXXXX/`` (flattened; written to a temp folder, then renamed).
+
+    ``keep``: image file names to extract (the part's JSON index is cut to them); None = all.
+    """
     out = Path(out)
     dest = out / "images" / f"part-{part_id:06d}"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -227,16 +258,24 @@ def extract_part(zip_path: str | Path, out: str | Path, part_id: int) -> Path:
             with zipfile.ZipFile(zip_path) as z:
                 for info in z.infolist():
                     name = Path(info.filename).name
-                    if info.is_dir() or not name or name.startswith("."):
+                    suffix = Path(name).suffix.lower()
+                    if info.is_dir() or not name or name.startswith(".") or suffix not in IMAGE_EXTENSIONS | {".json"}:
                         continue
-                    if Path(name).suffix.lower() not in IMAGE_EXTENSIONS | {".json"}:
+                    if keep is not None and suffix != ".json" and name not in keep:
                         continue
                     with z.open(info) as src, open(tmp / name, "wb") as dst:
                         shutil.copyfileobj(src, dst)
         except zipfile.BadZipFile as e:
             raise DataError(f"{zip_path}: not a valid zip ({e}); delete it and fetch part {part_id} again") from e
-        if not (tmp / f"{dest.name}.json").exists():
+        index = tmp / f"{dest.name}.json"
+        jsons = sorted(tmp.glob("*.json"))
+        if not index.exists() and len(jsons) == 1:
+            jsons[0].rename(index)  # one index under another name: still this part's index
+        if not index.exists():
             raise DataError(f"{zip_path}: has no {dest.name}.json index; is it really DiffusionDB part {part_id}?")
+        if keep is not None:
+            entries = json.loads(index.read_text())
+            index.write_text(json.dumps({k: v for k, v in entries.items() if k in keep}))
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -246,60 +285,68 @@ def extract_part(zip_path: str | Path, out: str | Path, part_id: int) -> Path:
     return dest
 
 
-def trim_metadata(metadata: str | Path, out: str | Path) -> Path:
-    """Write ``<out>/metadata.parquet`` holding only the rows of the parts present under ``<out>/images``."""
-    out = Path(out)
-    meta = pd.read_parquet(metadata)
-    meta = meta[meta["part_id"].isin(list(_part_dirs(out)))]
-    return save_parquet(out / "metadata.parquet", meta)
+def _check_record(out: Path, release: str, near_dup_chars: int | None) -> None:
+    """A fetch folder holds one release fetched one way; refuse to mix, then record what it holds."""
+    record = {"release": release, "filter_near_dup_chars": near_dup_chars}
+    file = out / FETCH_RECORD
+    if file.exists() and (old := read_json(file)) != record:
+        raise DataError(f"{file}: this folder holds a fetch with other settings ({old}, asked {record}); "
+                        "use another --out, or the same release and --filter setting")
+    write_json(file, record)
 
 
-def fetch_diffusiondb(subset: str, out: str | Path) -> Path:
-    """Download a DiffusionDB 2M subset from the Hugging Face hub into DiffusionDB's on-disk layout at ``out``.
+def _on_disk(meta: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """Rows of ``meta`` whose image file is under ``<out>/images/part-XXXXXX/``."""
+    have = {f"{pid}/{name}" for pid, d in _part_dirs(out).items() for name in os.listdir(d)}
+    return meta[(meta["part_id"].astype(str) + "/" + meta["image_name"].astype(str)).isin(have)]
 
-    Parts already extracted are skipped, so an interrupted fetch resumes. Needs internet.
+
+def fetch_diffusiondb(subset: str, out: str | Path, keep=None, near_dup_chars: int | None = None) -> Path:
+    """Download a DiffusionDB subset (2M or Large) from the hub into DiffusionDB's on-disk layout at ``out``.
+
+    Part by part: each zip is downloaded into ``<out>/.fetch-tmp`` (never the hub cache), extracted, deleted, so
+    the extra disk at any time is about one part. Parts already extracted are skipped and an interrupted part
+    is redone (extraction writes a temp folder, then renames), so a rerun resumes. ``keep(table) -> bool mask``
+    (table: the subset's metadata rows with ``image_id``), e.g. 01's text rules: only those images are written;
+    ``near_dup_chars`` is recorded with it in ``fetch.json``. Needs internet.
     """
     from huggingface_hub import hf_hub_download
 
     out = Path(out)
-    parts = subset_parts(subset)
+    release, parts = parse_subset(subset)
+    rel = RELEASES[release]
+    out.mkdir(parents=True, exist_ok=True)
+    _check_record(out, release, near_dup_chars if keep is not None else None)
+    tmp = out / TMP_NAME
+    for stale in [tmp, *(out / "images").glob(".part-*")]:  # left by an interrupted fetch
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
 
-    def download(filename: str) -> str:
+    def download(filename: str) -> Path:
         try:
-            return hf_hub_download(repo_id=HF_REPO, repo_type="dataset", filename=filename)
+            return Path(hf_hub_download(repo_id=HF_REPO, repo_type="dataset", filename=filename, local_dir=tmp))
         except Exception as e:  # network, auth, offline mode: one clear line
             raise DataError(f"could not download {HF_REPO}/{filename} ({type(e).__name__}: {e}); "
                             "check the internet connection (and unset HF_HUB_OFFLINE)") from e
 
-    todo = [p for p in parts if not (out / "images" / f"part-{p:06d}" / f"part-{p:06d}.json").exists()]
-    for part_id in tqdm(todo, desc=f"fetch {subset}", unit="part"):
-        extract_part(download(f"images/part-{part_id:06d}.zip"), out, part_id)
-    trim_metadata(download("metadata.parquet"), out)
-    log.info("%s: %d parts in %s", subset, len(parts), out)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``revsd data fetch --subset 2m_first_10k [--out input/diffusiondb]``."""
-    ap = argparse.ArgumentParser(prog="revsd data", description="DiffusionDB data utilities")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download a DiffusionDB 2M subset (needs internet)")
-    f.add_argument("--subset", default="2m_first_1k", help="2m_first_<N>k, 2m_random_<N>k or 2m_all")
-    f.add_argument("--out", default=None, help="target folder (default: <input>/diffusiondb)")
-    f.add_argument("--dry-run", action="store_true", help="print the part ids and exit")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(a.out) if a.out else paths.input_dir() / "diffusiondb"
     try:
-        parts = subset_parts(a.subset)
-        if a.dry_run:
-            print(f"{a.subset}: {len(parts)} parts ({len(parts) * 1000:,} images) -> {out}\n"
-                  f"parts: {', '.join(map(str, parts))}")
-            return 0
-        fetch_diffusiondb(a.subset, out)
-    except DataError as e:
-        print(f"revsd data: {e}", file=sys.stderr)
-        return 1
-    print(f"done: {out} (use it with source={out.name!r} in 01_filter, relative to the input dir)"
-          if out.parent == paths.input_dir() else f"done: {out}")
-    return 0
+        meta_file = download(rel.metadata)
+        wanted = sorted(set(parts) | set(_part_dirs(out)))
+        meta = pd.read_parquet(meta_file, filters=[("part_id", "in", wanted)])
+        meta_file.unlink()
+        names = None
+        if keep is not None:
+            rows = meta[meta["part_id"].isin(parts)]
+            rows = rows[np.asarray(keep(rows.assign(image_id=rows["image_name"].map(lambda s: Path(s).stem))))]
+            names = rows.groupby("part_id")["image_name"].agg(set).to_dict()
+            log.info("%s: %d of %d rows pass the text rules", subset, len(rows), int(meta["part_id"].isin(parts).sum()))
+        todo = [p for p in parts if not (out / "images" / f"part-{p:06d}" / f"part-{p:06d}.json").exists()]
+        for part_id in tqdm(todo, desc=f"fetch {subset}", unit="part"):
+            archive = download(rel.part_file(part_id))
+            extract_part(archive, out, part_id, None if names is None else names.get(part_id, set()))
+            archive.unlink()
+        save_parquet(out / "metadata.parquet", _on_disk(meta, out).reset_index(drop=True))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: %d parts of %s in %s", subset, len(parts), rel.name, out)
+    return out

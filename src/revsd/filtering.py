@@ -8,23 +8,30 @@ Rules, applied in order, each reported with the row count after it (``filter_rep
    dropped if it is missing, if its whole text is a null literal (``nan``, ``null``, ``none``, ``<na>``, any
    case), or if it holds ``NaN``/``NULL``/``Null`` as a standalone word in exactly that casing (a template
    filled with a missing value). Lower-case words inside a longer prompt are kept ("nan goldin", "null space").
-3. ``near_duplicates``: two prompts are near duplicates if both have >= ``near_dup_chars`` characters and
-   their first ``near_dup_chars`` characters are identical, or their last ones are. Clusters are the connected
-   components of that relation (identical long prompts included); one row per cluster is kept: the one with
-   the smallest ``image_id`` (independent of table order). ``near_dup_chars = 0`` turns the rule off.
+3. ``near_duplicates``: rows are visited in a fixed order (by ``part_id`` when the table has it, i.e. DiffusionDB's
+   release order, then by ``image_id``; independent of the table's row order). A row is dropped when its whole
+   prompt (any length), or its first ``near_dup_chars`` characters, or its last ones (prompts of at least
+   ``near_dup_chars`` characters) equal those of a row already kept. Only kept rows drop others, so nothing
+   chains: with a~b (shared prefix) and b~c (shared suffix) but a≁c, a is kept, b dropped, c kept.
+   ``near_dup_chars = 0`` turns the rule off. See docs/filtering.md for the measurements.
 4. ``embed_dedup`` (optional): MiniLM cosine >= ``embed_dedup_threshold`` links prompts; one per component kept.
 5. ``bad_images``: images that do not decode are written to ``bad_images.csv`` and skipped.
 
-Splits: ``group`` = connected components of {identical prompt, near-duplicate relation, ``group_column``
-value (e.g. artist) when present}; groups are shuffled with ``seed`` and cut by cumulative row count into
-test / val / train, then train groups are cut the same way into ``n_folds`` folds, so no group straddles two
-splits or folds.
+Image files of the source that no table row lists are named in ``skipped_inputs.csv`` (path, reason).
+
+Splits: ``group`` = connected components of {identical prompt, shared first/last ``near_dup_chars`` characters,
+``group_column`` value (e.g. artist) when present}. After rule 3 no two kept rows share a prompt or an affix, so
+on its output groups chain only through ``group_column``; on tables that skipped rule 3 (``near_dup_chars = 0``
+or other callers) near-identical prompts still land in one group, so they never straddle a split. Groups are
+shuffled with ``seed`` and cut by cumulative row count into test / val / train, then train groups are cut the same
+way into ``n_folds`` folds, so no group straddles two splits or folds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +45,8 @@ from tqdm.auto import tqdm
 from revsd import paths
 from revsd.artifacts import save_csv, save_parquet
 from revsd.config import StageConfig
-from revsd.data import DataError, check_images, load_dataset
+from revsd.data import DataError, load_dataset
+from revsd.images import ImageError, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +100,7 @@ def _key_codes(keys: pd.Series) -> np.ndarray:
     return codes
 
 
-def _affix_codes(prompts: pd.Series, n: int) -> list[np.ndarray]:
+def affix_codes(prompts: pd.Series, n: int) -> list[np.ndarray]:
     """Codes of the first and of the last ``n`` characters (-1 for prompts shorter than ``n``)."""
     if n <= 0:
         return []
@@ -122,25 +130,72 @@ def components(n: int, key_codes: list[np.ndarray]) -> np.ndarray:
     return labels[:n]
 
 
-def near_duplicate_clusters(prompts: pd.Series, n_chars: int = 50) -> np.ndarray:
-    """Rule 3 clusters: a label per row; rows sharing the first or last ``n_chars`` characters share a label."""
-    return components(len(prompts), _affix_codes(prompts.reset_index(drop=True), n_chars))
-
-
 def _id_rank(image_ids) -> np.ndarray:
     """Rank of each (unique) image_id in sorted order, as integers (cheaper to compare than strings)."""
     ids = pa.array(pd.Series(image_ids).astype(str))
     return pc.rank(ids, sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64) - 1
 
 
+def dedup_order(df: pd.DataFrame) -> np.ndarray:
+    """Row positions in the order rule 3 visits them: by ``part_id`` when present, then by ``image_id``."""
+    keys = [_id_rank(df["image_id"])]
+    if "part_id" in df.columns:
+        keys.append(pd.to_numeric(df["part_id"], errors="coerce").fillna(np.inf).to_numpy(dtype=float))
+    return np.lexsort(keys)  # the last key is the primary one
+
+
+def near_duplicate_representatives(prompts: pd.Series, order: np.ndarray, n_chars: int = 50) -> np.ndarray:
+    """Rule 3: for each row, the position of the kept row it collapses into (itself when kept).
+
+    Rows are visited in ``order``; a row is kept unless its whole prompt, or its first or last ``n_chars``
+    characters, equal those of a row kept before it (checked in that order of keys). Rows whose keys are all
+    unique can neither be dropped nor drop another row, so the sequential pass only visits the others.
+    """
+    prompts = prompts.reset_index(drop=True)
+    n = len(prompts)
+    rep = np.arange(n)
+    if n_chars <= 0 or n == 0:
+        return rep
+    keys = [_key_codes(prompts), *affix_codes(prompts, n_chars)]
+    shared = np.zeros(n, dtype=bool)
+    for codes in keys:
+        counts = np.bincount(codes[codes >= 0], minlength=1)
+        shared |= (codes >= 0) & (counts[np.maximum(codes, 0)] > 1)
+    todo = np.asarray(order)[shared[np.asarray(order)]]
+    cols = [k[todo].tolist() for k in keys]
+    owners = [[-1] * (int(k.max(initial=-1)) + 1) for k in keys]  # key code -> kept row position
+    for j, i in enumerate(todo.tolist()):
+        hit = next((o[c[j]] for o, c in zip(owners, cols) if c[j] >= 0 and o[c[j]] >= 0), -1)
+        if hit >= 0:
+            rep[i] = hit
+        else:
+            for o, c in zip(owners, cols):
+                if c[j] >= 0:
+                    o[c[j]] = i
+    return rep
+
+
+def near_duplicate_keep(df: pd.DataFrame, n_chars: int = 50) -> np.ndarray:
+    """Rule 3 as a mask over ``df``'s rows (needs ``prompt``, ``image_id``; uses ``part_id`` when present)."""
+    rep = near_duplicate_representatives(df["prompt"], dedup_order(df), n_chars)
+    return rep == np.arange(len(rep))
+
+
 def keep_one_per_cluster(labels: np.ndarray, image_ids: pd.Series) -> np.ndarray:
-    """Mask keeping, in each cluster, the row with the smallest image_id."""
+    """Mask keeping, in each cluster, the row with the smallest image_id (used by the embedding rule)."""
     labels = np.asarray(labels)
     order = np.lexsort((_id_rank(image_ids), labels))
     first = order[np.r_[True, labels[order][1:] != labels[order][:-1]]] if len(order) else order
     keep = np.zeros(len(labels), dtype=bool)
     keep[first] = True
     return keep
+
+
+def text_rules_keep(df: pd.DataFrame, near_dup_chars: int = 50) -> np.ndarray:
+    """Rules 1-3 as a mask over ``df``'s rows (``revsd data fetch --filter`` extracts only these images)."""
+    kept, _, _ = apply_rules(df.reset_index(drop=True), FilterConfig(near_dup_chars=near_dup_chars,
+                                                                        check_images=False))
+    return df["image_id"].isin(kept["image_id"]).to_numpy()
 
 
 def embedding_clusters(emb: np.ndarray, threshold: float, block: int | None = None) -> np.ndarray:
@@ -171,7 +226,7 @@ def assign_groups(df: pd.DataFrame, near_dup_chars: int = 50, group_column: str 
     Labels are ``g<k>``, numbered by each group's smallest image_id (stable under row order).
     """
     prompts = df["prompt"].reset_index(drop=True)
-    keys = [_key_codes(prompts), *_affix_codes(prompts, near_dup_chars)]
+    keys = [_key_codes(prompts), *affix_codes(prompts, near_dup_chars)]
     if group_column and group_column in df.columns:
         keys.append(_key_codes(df[group_column].reset_index(drop=True)))
     labels = components(len(df), keys)
@@ -220,6 +275,26 @@ def split_and_fold(groups: pd.Series, val_size: float, test_size: float, n_folds
 # ---------------------------------------------------------------------------------------------- stage
 
 
+def check_images(df: pd.DataFrame, workers: int = 4) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fully decode every image; returns ``(ok_df, bad_df)``, bad_df with image_id, image_path, error."""
+
+    def one(path: str) -> str:
+        try:
+            open_rgb(path)
+            return ""
+        except ImageError as e:
+            return str(e)
+
+    paths_ = df["image_path"].tolist()
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        errors = list(tqdm(ex.map(one, paths_), total=len(paths_), desc="check images", unit="img"))
+    bad_mask = np.array([bool(e) for e in errors], dtype=bool)
+    bad = df.loc[bad_mask, ["image_id", "image_path"]].assign(error=[e for e in errors if e])
+    for err in bad["error"]:
+        log.warning("skipping bad image: %s", err)
+    return df.loc[~bad_mask].reset_index(drop=True), bad.reset_index(drop=True)
+
+
 def resolve_source(source: str) -> Path:
     """``"sample"`` -> the embedded sample; a relative path -> under the input dir; absolute paths as given."""
     if source == "sample":
@@ -250,8 +325,7 @@ def apply_rules(df: pd.DataFrame, cfg: FilterConfig) -> tuple[pd.DataFrame, pd.D
     df = df[valid_prompt_mask(df["prompt"])].reset_index(drop=True)
     report.step("min_words_null", len(df))
     if cfg.near_dup_chars > 0:
-        labels = near_duplicate_clusters(df["prompt"], cfg.near_dup_chars)
-        df = df[keep_one_per_cluster(labels, df["image_id"])].reset_index(drop=True)
+        df = df[near_duplicate_keep(df, cfg.near_dup_chars)].reset_index(drop=True)
         report.step("near_duplicates", len(df))
     if cfg.embed_dedup_threshold > 0:
         from revsd.textenc import encode_prompts
@@ -270,6 +344,7 @@ def run(cfg: FilterConfig) -> pd.DataFrame:
     """Load ``cfg.source``, apply the rules, split, and write filtered.parquet + reports; returns the table."""
     root = resolve_source(cfg.source)
     df = load_dataset(root, cfg.fmt)
+    skipped = pd.DataFrame(df.attrs.pop("skipped", []), columns=["path", "reason"])  # pop: attrs travel with df
     if cfg.limit:
         df = df.head(cfg.limit).reset_index(drop=True)
     df, report, bad = apply_rules(df, cfg)
@@ -285,8 +360,13 @@ def run(cfg: FilterConfig) -> pd.DataFrame:
     save_parquet(out / "filtered.parquet", df.assign(image_path=df["image_path"].map(paths.portable)))
     save_csv(out / "filter_report.csv", report)
     save_csv(out / "bad_images.csv", bad)
+    save_csv(out / "skipped_inputs.csv", skipped)
     cfg.save(out / "config.json")
     print(f"01_filter: {root} -> {out}")
+    if len(skipped):
+        names = [Path(p).name for p in skipped["path"]]
+        print(f"skipped {len(names)} input file(s) that no table row lists (all in skipped_inputs.csv): "
+              + ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
     print(report.to_string(index=False))
     print(df.groupby("split")["group"].agg(rows="size", groups="nunique").to_string())
     return df
