@@ -1,4 +1,5 @@
-"""End to end in a real headless browser: Playwright driving Debian's chromium against the study app."""
+"""End to end in a real headless browser: Playwright driving Debian's chromium against the study app (votes
+through the real forms with their CSRF tokens; forged and never-shown votes refused)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ def test_vote_on_two_pairs_in_chromium(server, pairs, tmp_path):  # noqa: F811
                 expected[pid] = want
             page.wait_for_url("**/pair/p00002")
             page.screenshot(path=str(tmp_path / "study_page.png"), full_page=True)
+            # the browser's own session: no token -> 400; a token but a pair never shown to ann -> 409
+            token = page.locator("form input[name=csrf]").first.get_attribute("value")
+            vote_url = base + "/pair/p00003/vote"
+            assert page.request.post(vote_url, form={"choice": "first"}, max_redirects=0).status == 400
+            assert page.request.post(vote_url, form={"choice": "first", "csrf": token}, max_redirects=0).status == 409
         finally:
             ctx.close()
 

@@ -6,9 +6,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "pipeline": ("revsd.pipeline", "run the notebooks headless through papermill (revsd pipeline --profile demo)"),
+    "pipeline": ("revsd.pipeline", "run the notebooks headless (revsd pipeline --profile demo; --list --json)"),
     "train": ("revsd.train", "train one run outside the notebooks (revsd train exp=demo backbone=effnet_lite2)"),
-    "data": ("revsd.data", "fetch real DiffusionDB subsets (revsd data fetch --subset 2m_first_10k)"),
+    "data": ("revsd.datacli", "fetch DiffusionDB 2M/Large part by part, import your own images (revsd data fetch)"),
+    "weights": ("revsd.weightscheck", "the weights a profile needs and where each loads from (revsd weights "
+                "--profile paper --check)"),
     "predict": ("revsd.predict", "images in, prompt embeddings and readable prompts out"),
     "bank": ("revsd.retrieval", "build a prompt bank for retrieval (revsd bank build PROMPTS.csv)"),
     "generate": ("revsd.generate", "SD generation with the trained U-Net encoder (paper §4)"),

@@ -7,9 +7,11 @@ drawn once per annotator and pair and stored, and answers first / second / undec
 
 Blindness: pages, URLs and alt texts only say "Image 1"/"Image 2"; images are served by pair id + position
 (``/image/<pair_id>/<1|2>``) resolved on the server through the stored order, from bytes (no file name, mtime or
-ETag); the client never sends a path. Durability: SQLite in WAL mode with ``synchronous=FULL``, one connection per
-request, one ``BEGIN IMMEDIATE`` transaction per vote, primary key (annotator, pair_id) — a second vote on a pair
-replaces the first.
+ETag); the client never sends a path. Integrity: votes (and images) only for pairs whose page was shown to that
+annotator (serving the page draws and stores the order); pairs whose images cannot be served are left out at
+start with a warning; every form carries a per-session CSRF token. Durability: SQLite in WAL mode with
+``synchronous=FULL``, one connection per request, one ``BEGIN IMMEDIATE`` transaction per vote, primary key
+(annotator, pair_id) — a second vote on a pair replaces the first.
 
 ``tally --db study.sqlite`` prints the paper's Table 3 (votes per annotator for ours / original / undecided, the
 pairs on which all annotators agree, the average) and writes ``tally.md`` + ``tally.csv``.
@@ -25,19 +27,30 @@ import random
 import re
 import secrets
 import sqlite3
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 from revsd.artifacts import save_csv, write_text
+from revsd.study_tally import ANSWERS, tally, to_markdown  # noqa: F401  (study.tally and ANSWERS are public)
 
 ASSETS = Path(__file__).with_name("study_assets")
 SIDES = ("original", "ours")  # server side only; never rendered
 CHOICES = ("first", "second", "undecided")
-ANSWERS = ("ours", "original", "undecided")
 PAIR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ANNOTATOR = re.compile(r"^[\w.@ -]{1,64}$")
 QUESTION = "Which image matches the prompt better?"
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class StudyError(ValueError):
+    """A bad manifest, database or vote; the CLI prints it as one line and exits 2."""
+
+
+class NotShown(StudyError):
+    """A vote for a pair whose page was never shown to that annotator."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,18 +74,20 @@ def load_manifest(path: str | Path) -> dict[str, dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pairs manifest {path} not found: run `revsd generate` first")
-    if path.suffix == ".jsonl":
-        df = pd.read_json(path, lines=True, dtype={"pair_id": str})
-    elif path.suffix == ".csv":
-        df = pd.read_csv(path, dtype={"pair_id": str})
-    else:
-        raise ValueError(f"{path}: the manifest must be .jsonl or .csv")
+    if path.suffix not in (".jsonl", ".csv"):
+        raise StudyError(f"{path}: the manifest must be .jsonl or .csv")
+    try:
+        df = (pd.read_json(path, lines=True, dtype={"pair_id": str}) if path.suffix == ".jsonl"
+              else pd.read_csv(path, dtype={"pair_id": str}))
+    except (ValueError, OSError) as e:  # malformed JSON/CSV, empty file, a folder
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StudyError(f"{path}: cannot read the manifest ({first}); pass the manifest `revsd generate` wrote") from e
     missing = [c for c in ("pair_id", "prompt", *SIDES) if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
+        raise StudyError(f"{path}: missing column(s) {missing}")
     bad = [p for p in df["pair_id"] if not PAIR_ID.match(str(p))]
     if bad or df["pair_id"].duplicated().any():
-        raise ValueError(f"{path}: pair ids must be unique and match {PAIR_ID.pattern} (bad: {bad[:3]})")
+        raise StudyError(f"{path}: pair ids must be unique and match {PAIR_ID.pattern} (bad: {bad[:3]})")
     return {str(r["pair_id"]): r for r in df.to_dict("records")}
 
 
@@ -84,9 +99,12 @@ class StudyDB:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(SCHEMA)
+        try:
+            with self.connect() as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise StudyError(f"{self.path}: not a usable study database ({e}); pass another --db") from e
 
     @contextlib.contextmanager
     def connect(self):
@@ -106,21 +124,29 @@ class StudyDB:
             return con.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0]
 
     def order(self, con: sqlite3.Connection, annotator: str, pair_id: str) -> tuple[str, str]:
-        """(first side, second side) for this annotator and pair, drawn once at random and stored."""
+        """(first side, second side) for this annotator and pair, drawn once at random and stored: the pair is
+        then shown to this annotator (its page is being served), and only then can they vote on it."""
         con.execute("INSERT OR IGNORE INTO orders VALUES (?, ?, ?)",
                     (annotator, pair_id, random.SystemRandom().choice(SIDES)))
-        first = con.execute("SELECT first FROM orders WHERE annotator=? AND pair_id=?",
-                            (annotator, pair_id)).fetchone()[0]
-        return (first, SIDES[1 - SIDES.index(first)])
+        return self.shown(con, annotator, pair_id)
+
+    def shown(self, con: sqlite3.Connection, annotator: str, pair_id: str) -> tuple[str, str] | None:
+        """The stored order if this pair was shown to this annotator, else None (nothing is drawn)."""
+        row = con.execute("SELECT first FROM orders WHERE annotator=? AND pair_id=?", (annotator, pair_id)).fetchone()
+        return None if row is None else (row[0], SIDES[1 - SIDES.index(row[0])])
 
     def vote(self, annotator: str, pair_id: str, choice: str) -> str:
-        """Store (or replace) a vote in one transaction; returns the answer (ours / original / undecided)."""
+        """Store (or replace) a vote in one transaction; returns the answer (ours / original / undecided).
+        Raises :class:`NotShown` unless the pair was shown to this annotator (its order drawn)."""
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}")
         with self.connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
-                first, second = self.order(con, annotator, pair_id)
+                order = self.shown(con, annotator, pair_id)
+                if order is None:
+                    raise NotShown(f"pair {pair_id!r} was never shown to {annotator!r}: vote refused")
+                first, second = order
                 answer = {"first": first, "second": second, "undecided": "undecided"}[choice]
                 con.execute("INSERT INTO votes VALUES (?, ?, ?, ?, ?) ON CONFLICT (annotator, pair_id) DO UPDATE "
                             "SET choice=excluded.choice, answer=excluded.answer, voted_at=excluded.voted_at",
@@ -132,46 +158,33 @@ class StudyDB:
         return answer
 
     def votes(self) -> pd.DataFrame:
-        with self.connect() as con:
-            return pd.read_sql_query("SELECT annotator, pair_id, choice, answer, voted_at FROM votes "
-                                     "ORDER BY annotator, pair_id", con)
+        return read_votes(self.path)
 
 
 # ---------------------------------------------------------------- tally (paper Table 3)
 
-def tally(votes: pd.DataFrame) -> pd.DataFrame:
-    """Rows: each annotator, ``all agree`` (pairs judged by every annotator with one common answer, counted
-    per answer), ``average`` (mean of the annotator rows); columns: ours, original, undecided, pairs."""
-    cols = [*ANSWERS, "pairs"]
-    if votes.empty:
-        return pd.DataFrame(columns=cols, dtype=float)
-    per = pd.crosstab(votes["annotator"], votes["answer"]).reindex(columns=list(ANSWERS), fill_value=0)
-    per["pairs"] = per.sum(axis=1)
-    n_annot = votes["annotator"].nunique()
-    by_pair = votes.groupby("pair_id")["answer"].agg(["nunique", "size", "first"])
-    agree = by_pair[(by_pair["size"] == n_annot) & (by_pair["nunique"] == 1)]["first"].value_counts()
-    all_agree = {a: int(agree.get(a, 0)) for a in ANSWERS}
-    all_agree["pairs"] = int((by_pair["size"] == n_annot).sum())
-    table = per.astype(float)
-    table.loc["all agree"] = all_agree
-    table.loc["average"] = per.mean(axis=0).round(2)
-    table.index.name = "annotator"
-    return table
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    head = ["annotator", "ours", "original", "undecided", "pairs judged"]
-    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([str(i), *map(fmt, row)]) + " |" for i, row in zip(table.index, table.values)]
-    return "\n".join(lines) + "\n"
+def read_votes(db_path: str | Path) -> pd.DataFrame:
+    """The votes of an existing study database, never creating or changing one; StudyError if it is not one."""
+    db_path = Path(db_path)
+    hint = "pass the --db that `revsd study serve` used"
+    if not db_path.is_file():
+        raise StudyError(f"study database {db_path} not found: {hint}")
+    with open(db_path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise StudyError(f"{db_path} is not an SQLite database: {hint}")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db_path.resolve()}?mode=ro", uri=True, timeout=30)) as con:
+            if con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='votes'").fetchone() is None:
+                raise StudyError(f"{db_path} holds no study votes (no 'votes' table): {hint}")
+            return pd.read_sql_query("SELECT annotator, pair_id, choice, answer, voted_at FROM votes "
+                                     "ORDER BY annotator, pair_id", con)
+    except sqlite3.Error as e:
+        raise StudyError(f"{db_path}: cannot read the votes ({e}): {hint}") from e
 
 
 def write_tally(db_path: str | Path, out_dir: str | Path | None = None) -> pd.DataFrame:
     db_path = Path(db_path)
-    if not db_path.exists():
-        raise FileNotFoundError(f"study database {db_path} not found: pass the --db that `revsd study serve` used")
-    table = tally(StudyDB(db_path).votes())
+    table = tally(read_votes(db_path))
     out = Path(out_dir or db_path.parent)
     write_text(out / "tally.md", "# Human study (paper Table 3)\n\n" + to_markdown(table))
     save_csv(out / "tally.csv", table, index=True)
@@ -180,10 +193,35 @@ def write_tally(db_path: str | Path, out_dir: str | Path | None = None) -> pd.Da
 
 # ---------------------------------------------------------------- web app
 
+def image_path(root: Path, rel) -> Path | str:
+    """The image file ``rel`` under ``root``, or a string saying why it cannot be served."""
+    path = (root / str(rel)).resolve()
+    if not path.is_relative_to(root):
+        return f"{rel} is outside {root}"
+    if path.suffix.lower() not in MIME:
+        return f"{rel}: not {'/'.join(MIME)}"
+    if not path.is_file():
+        return f"{rel} not found"
+    return path
+
+
+def servable_pairs(pairs: dict[str, dict], root: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """``(kept, excluded)``: pairs whose two images can be served, and the others with the reason."""
+    reasons = {pid: [p for p in (image_path(root, row[s]) for s in SIDES) if isinstance(p, str)]
+               for pid, row in pairs.items()}
+    excluded = {pid: why[0] for pid, why in reasons.items() if why}
+    kept = {pid: row for pid, row in pairs.items() if pid not in excluded}
+    if excluded:
+        print(f"study: warning: {len(excluded)} pair(s) left out, their images cannot be served: "
+              + "; ".join(f"{p} ({why})" for p, why in list(excluded.items())[:5]), file=sys.stderr)
+    return kept, excluded
+
+
 def create_app(manifest: str | Path | dict, db_path: str | Path, image_root: str | Path | None = None,
                annotators: list[str] | None = None, question: str = QUESTION):
     """The study app. ``manifest``: path or ``{pair_id: row}``; ``image_root``: folder the manifest's image
-    paths are relative to (default: the manifest's folder); ``annotators``: allowed names/tokens (any if None)."""
+    paths are relative to (default: the manifest's folder); ``annotators``: allowed names/tokens (any if None).
+    Pairs whose two images cannot be served are left out (a warning names them); none left raises StudyError."""
     from flask import Flask, abort, redirect, render_template, request, send_file, session, url_for
 
     if isinstance(manifest, dict):
@@ -194,12 +232,27 @@ def create_app(manifest: str | Path | dict, db_path: str | Path, image_root: str
         pairs = load_manifest(manifest)
         image_root = image_root or Path(manifest).parent
     root = Path(image_root).resolve()
+    pairs, excluded = servable_pairs(pairs, root)
+    if not pairs:
+        raise StudyError(f"no pair of the manifest has two servable images under {root}: check the image paths")
     order_ids = list(pairs)
     allowed = set(annotators) if annotators else None
     db = StudyDB(db_path)
 
     app = Flask(__name__, template_folder=str(ASSETS / "templates"), static_folder=str(ASSETS / "static"))
     app.config.update(SECRET_KEY=db.secret(), SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
+
+    def csrf_token() -> str:  # one per session, in every form (templates call csrf_token())
+        return session.setdefault("csrf", secrets.token_urlsafe(32))
+
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
+    @app.before_request
+    def check_csrf():
+        if request.method == "POST":
+            sent, want = request.form.get("csrf", ""), session.get("csrf", "")
+            if not want or not secrets.compare_digest(sent.encode(), want.encode()):
+                abort(400)
 
     def annotator() -> str:
         name = session.get("annotator")
@@ -231,7 +284,7 @@ def create_app(manifest: str | Path | dict, db_path: str | Path, image_root: str
         todo = [p for p in order_ids if p not in done]
         if todo:
             return redirect(url_for("pair", pair_id=todo[0]))
-        return render_template("done.html", name=name, n=len(order_ids), first=order_ids[0] if order_ids else None)
+        return render_template("done.html", name=name, n=len(order_ids), first=order_ids[0])
 
     @app.post("/login")
     def login():
@@ -270,7 +323,10 @@ def create_app(manifest: str | Path | dict, db_path: str | Path, image_root: str
         choice = request.form.get("choice", "")
         if choice not in CHOICES:
             abort(400)
-        db.vote(name, pair_id, choice)
+        try:
+            db.vote(name, pair_id, choice)
+        except NotShown:
+            abort(409)  # only pairs whose page this annotator was shown can be voted on
         return redirect(url_for("index"))
 
     @app.get("/image/<pair_id>/<int:position>")
@@ -279,16 +335,17 @@ def create_app(manifest: str | Path | dict, db_path: str | Path, image_root: str
         if position not in (1, 2):
             abort(404)
         with db.connect() as con:
-            side = db.order(con, name, pair_id)[position - 1]
-        path = (root / str(row[side])).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+            order = db.shown(con, name, pair_id)
+        if order is None:
+            abort(404)  # images only for a pair whose page was shown (its order drawn)
+        path = image_path(root, row[order[position - 1]])
+        if isinstance(path, str):
             abort(404)  # never serve outside the image root, even from a tampered manifest
-        mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-        if path.suffix.lower() not in mime:
-            abort(404)
-        return send_file(io.BytesIO(path.read_bytes()), mimetype=mime[path.suffix.lower()], etag=False)
+        return send_file(io.BytesIO(path.read_bytes()), mimetype=MIME[path.suffix.lower()], etag=False)
 
     app.extensions["revsd_study_db"] = db
+    app.extensions["revsd_study_pairs"] = order_ids
+    app.extensions["revsd_study_excluded"] = excluded
     return app
 
 
@@ -308,14 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--db", required=True)
     t.add_argument("--out", default=None, help="folder for tally.md / tally.csv (default: the db's folder)")
     a = ap.parse_args(argv)
-    if a.cmd == "tally":
-        table = write_tally(a.db, a.out)
-        print(to_markdown(table), end="")
-        print(f"wrote tally.md, tally.csv in {Path(a.out or Path(a.db).parent)}")
-        return 0
-    db = a.db or Path(a.pairs).parent / "study.sqlite"
-    names = [n.strip() for n in a.annotators.split(",") if n.strip()] if a.annotators else None
-    app = create_app(a.pairs, db, annotators=names, question=a.question)
-    print(f"study: {len(load_manifest(a.pairs))} pairs, votes in {db}; open http://{a.host}:{a.port}/")
+    try:
+        if a.cmd == "tally":
+            table = write_tally(a.db, a.out)
+            print(to_markdown(table), end="")
+            print(f"wrote tally.md, tally.csv in {Path(a.out or Path(a.db).parent)}")
+            return 0
+        db = a.db or Path(a.pairs).parent / "study.sqlite"
+        names = [n.strip() for n in a.annotators.split(",") if n.strip()] if a.annotators else None
+        app = create_app(a.pairs, db, annotators=names, question=a.question)
+    except (StudyError, FileNotFoundError) as e:
+        print(f"revsd study {a.cmd}: {e}", file=sys.stderr)
+        return 2
+    n = len(app.extensions["revsd_study_pairs"])
+    print(f"study: {n} pairs, votes in {db}; open http://{a.host}:{a.port}/")
     app.run(host=a.host, port=a.port, threaded=True)
     return 0
