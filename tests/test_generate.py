@@ -112,13 +112,40 @@ def test_bad_run_dirs_are_refused_with_a_reason(tmp_path):
 
 def test_reads_what_03_train_saves(tmp_path):
     """Contract with 03_train: a finetuned unet_enc RevSDModel saved by engine.save_weights loads here."""
-    from revsd import engine
+    from revsd import inference
     from revsd.backbones import create_backbone
     from revsd.heads import PromptHead, RevSDModel
 
     backbone = create_backbone("unet_enc", pretrained=False, tiny=True)
     model = RevSDModel(PromptHead(backbone.feature_dim, hidden=8), backbone)
-    engine.save_weights(tmp_path / "model.safetensors", model)
+    inference.save_weights(tmp_path / "model.safetensors", model)
     (tmp_path / "model.json").write_text(json.dumps({"backbone": "unet_enc", "mode": "finetune", "tiny": True}))
     state = generate.load_run_encoder(tmp_path)
     assert state.keys() == backbone.net.encoder_state_dict().keys()
+
+
+def test_local_sd_folders(tmp_path, monkeypatch):
+    """--sd-weights: a parts-only folder (unet/ vae/ text_encoder/ tokenizer/) or a full pipeline folder
+    (model_index.json); $REVSD_WEIGHTS/stable-diffusion-v1-4 when none is given. Same tensors as saved."""
+    from revsd.sd_parts import tiny_sd_parts
+
+    parts = tiny_sd_parts(seed=5)
+    for name, part in parts.items():
+        part.save_pretrained(tmp_path / "parts" / name)
+    with pytest.raises(ValueError, match="no model_index.json.*--no-safety-checker"):
+        generate.build_pipeline(sd_weights=str(tmp_path / "parts"))
+    pipe = generate.build_pipeline(sd_weights=str(tmp_path / "parts"), safety_checker=False)
+    assert torch.equal(pipe.unet.conv_in.weight, parts["unet"].conv_in.weight)
+    assert torch.equal(pipe.vae.decoder.conv_out.weight, parts["vae"].decoder.conv_out.weight)
+
+    generate.pipeline_from_parts(tiny_sd_parts(seed=6)).save_pretrained(tmp_path / "w" / "stable-diffusion-v1-4")
+    monkeypatch.setenv("REVSD_WEIGHTS", str(tmp_path / "w"))
+    full = generate.build_pipeline(safety_checker=False)  # from the weights root, a full pipeline folder
+    assert torch.equal(full.unet.conv_in.weight, tiny_sd_parts(seed=6)["unet"].conv_in.weight)
+    original, ours = generate.generate_pair(_swap(full), "a cat", seed=0, steps=2)
+    assert original.size == ours.size == (32, 32)
+
+
+def _swap(pipe):
+    generate.install_swap(pipe, {})  # no trained weights: both images from the same U-Net
+    return pipe

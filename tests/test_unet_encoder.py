@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
 from revsd import unet_encoder as ue
+from revsd.captions import image_key
 from revsd.images import list_images
 
 
@@ -87,21 +90,43 @@ def test_caption_cache_on_real_images(tmp_path, sample_images):
     ids, files = sample_images
     ctx = ue.make_context_fn(tiny=True, cache_dir=tmp_path)
     out = ctx(ids[:3], files[:3])
-    assert out.shape == (3, ue.TEXT_MAX_LENGTH, 16) and not out.requires_grad
-    assert ctx.blip_calls == 1
-    lines = [json.loads(line) for line in ctx.cache_path.read_text().splitlines()]
+    assert isinstance(out, ue.UNetContext) and out.keys == [image_key(i, f) for i, f in zip(ids[:3], files[:3])]
+    assert out.states.shape == (3, ue.TEXT_MAX_LENGTH, 16) and not out.states.requires_grad
+    cap = ctx.captioner
+    assert cap.blip_calls == 1
+    lines = [json.loads(line) for line in cap.cache_path.read_text().splitlines()]
     assert [r["image_id"] for r in lines] == ids[:3] and all(r["caption"] for r in lines)
+    assert [r["key"] for r in lines] == out.keys
 
     # a crash mid-append leaves a torn last line: ignored, the rest of the cache is used
-    with open(ctx.cache_path, "a") as f:
-        f.write('{"image_id": "torn", "capt')
+    with open(cap.cache_path, "a") as f:
+        f.write('{"key": "torn", "capt')
     again = ue.make_context_fn(tiny=True, cache_dir=tmp_path)
-    assert torch.equal(again(ids[:3], files[:3]), out)
-    assert again.blip_calls == 0  # all from the cache, BLIP never loaded
-    assert again._blip is None
+    assert torch.equal(again(ids[:3], files[:3]).states, out.states)
+    assert again.captioner.blip_calls == 0  # all from the cache, BLIP never loaded
+    assert again.captioner._blip is None
 
     again.captions(ids, files)  # only the 4th image is new
-    assert again.blip_calls == 1 and len(again._load_cache()) == 4
+    assert again.captioner.blip_calls == 1 and len(again.captioner.cached()) == 4
+
+
+def test_caption_key_matches_the_feature_cache(sample_images):
+    from revsd.features import image_key as feature_key
+
+    ids, files = sample_images
+    assert [image_key(i, f) for i, f in zip(ids, files)] == [feature_key(i, f) for i, f in zip(ids, files)]
+    assert image_key("x", "/no/such/file.png") == feature_key("x", "/no/such/file.png")
+
+
+def test_edited_image_is_captioned_again(tmp_path, sample_images):
+    ids, files = sample_images
+    local = tmp_path / files[0].name
+    shutil.copy(files[0], local)
+    ctx = ue.make_context_fn(tiny=True, cache_dir=tmp_path / "cache")
+    ctx.captions([ids[0]], [local])
+    os.utime(local, ns=(1, 1))  # same bytes, new mtime: the key changes as in the feature cache
+    ctx.captions([ids[0]], [local])
+    assert ctx.captioner.blip_calls == 2 and len(ctx.captioner.cached()) == 2
 
 
 def test_unreadable_image_gets_empty_caption_and_is_not_cached(tmp_path, sample_images):
@@ -112,4 +137,92 @@ def test_unreadable_image_gets_empty_caption_and_is_not_cached(tmp_path, sample_
     with pytest.warns(UserWarning, match="broken.png"):
         caps = ctx.captions(["bad", ids[0]], [bad, files[0]])
     assert caps[0] == "" and caps[1]
-    assert "bad" not in ctx.cache_path.read_text()
+    assert "bad" not in ctx.captioner.cache_path.read_text()
+
+
+def _epoch(enc, ctx_fn, ids, files, order, batch=2):
+    """One pass in ``order`` through the real preprocessing (as 03_train feeds the backbone): features by id."""
+    from revsd.transforms import Preprocess, load_array, to_batch
+
+    pp = Preprocess(enc.pretrained_cfg["input_size"][-1])
+    out = {}
+    for s in range(0, len(order), batch):
+        rows = order[s:s + batch]
+        x = to_batch([load_array(files[r], pp) for r in rows], pp.mean, pp.std)
+        with torch.no_grad():
+            feats = enc.eval()(x, ctx_fn([ids[r] for r in rows], [files[r] for r in rows]))
+        out.update({ids[r]: f for r, f in zip(rows, feats)})
+    return out
+
+
+def test_latents_and_captions_are_reused_from_the_second_epoch(tmp_path, sample_images):
+    ids, files = sample_images
+    enc = ue.build_unet_encoder(tiny=True, latent_cache=False)
+    enc.latent_cache = ue.LatentCache(tmp_path / "latents")
+    ctx_fn = ue.make_context_fn(tiny=True, cache_dir=tmp_path / "captions")
+    first = _epoch(enc, ctx_fn, ids, files, [0, 1, 2, 3])
+    assert enc.vae_calls == 2 and ctx_fn.captioner.blip_calls == 2
+    assert len(list((tmp_path / "latents").rglob("*.npz"))) == 4
+
+    second = _epoch(enc, ctx_fn, ids, files, [3, 1, 0, 2], batch=3)  # reshuffled, other batch sizes
+    assert enc.vae_calls == 2 and ctx_fn.captioner.blip_calls == 2  # nothing recomputed
+    assert enc.latent_cache.hits == 4
+    assert all(torch.allclose(first[i], second[i], atol=1e-5) for i in ids)
+
+    # a new process (fresh encoder and context) reads both caches from disk
+    enc2 = ue.build_unet_encoder(tiny=True, latent_cache=False)
+    enc2.latent_cache = ue.LatentCache(tmp_path / "latents")
+    ctx2 = ue.make_context_fn(tiny=True, cache_dir=tmp_path / "captions")
+    third = _epoch(enc2, ctx2, ids, files, [0, 1, 2, 3])
+    assert enc2.vae_calls == 0 and ctx2.captioner.blip_calls == 0 and ctx2.captioner._blip is None
+    # cached latents give the features of an encoder without any cache
+    plain = _epoch(ue.build_unet_encoder(tiny=True, latent_cache=False), ctx2, ids, files, [0, 1, 2, 3])
+    assert all(torch.allclose(third[i], plain[i], atol=1e-5) for i in ids)
+
+
+def test_changed_pixels_are_encoded_again(tmp_path):
+    """The key (id|size|mtime) cannot see augmentation or new preprocessing; the pixel fingerprint can."""
+    enc = ue.build_unet_encoder(tiny=True, latent_cache=False)
+    enc.latent_cache = ue.LatentCache(tmp_path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    keys = ["a|1|1", "b|1|1"]
+    first = enc.latents(x, keys)
+    assert enc.latents(x, keys).equal(first) and enc.vae_calls == 1
+    flipped = x.flip(-1)
+    with pytest.warns(UserWarning, match="changed"):
+        again = enc.latents(flipped, keys)
+    assert enc.vae_calls == 2 and again.equal(enc.encode_latents(flipped).float())
+
+
+def test_build_cache_dir_is_per_vae_and_size(_isolated_working):
+    enc = ue.build_unet_encoder(tiny=True)
+    assert enc.latent_cache.directory == _isolated_working / "latents" / "tiny-32"
+    assert ue.latent_cache_dir("CompVis/stable-diffusion-v1-4").name == "CompVis_stable-diffusion-v1-4-512"
+
+
+@pytest.mark.slow
+def test_03_train_encodes_each_image_once_over_three_epochs(prepared_exp, _isolated_working, monkeypatch):
+    """The real trainer: the VAE and BLIP see every image once (first epoch and first eval pass), never again."""
+    from revsd import train
+
+    images = {"vae": 0}
+    encode = ue.UNetEncoder.encode_latents
+
+    def counting(self, x):
+        images["vae"] += x.shape[0]
+        return encode(self, x)
+
+    def caches():  # other tests may share this working dir: compare before and after
+        cap = _isolated_working / "captions" / f"{ue.TINY_BLIP_ID}.jsonl"
+        return (set((_isolated_working / "latents" / "tiny-32").rglob("*.npz")),
+                cap.read_text().splitlines() if cap.exists() else [])
+
+    monkeypatch.setattr(ue.UNetEncoder, "encode_latents", counting)
+    latents0, captions0 = caches()
+    cfg = train.TrainConfig(exp=prepared_exp, run="unet-cache", backbone="unet_enc", mode="finetune", tiny=True,
+                            pretrained=False, smoke=True, epochs=3, batch_size=8, num_workers=1)
+    train.run(cfg)
+    latents, captions = caches()
+    new_latents, new_captions = latents - latents0, captions[len(captions0):]
+    assert images["vae"] == len(new_latents) == len({json.loads(c)["key"] for c in new_captions}) > 0
+    assert len(new_captions) == len(new_latents)  # each caption computed once

@@ -15,6 +15,10 @@ pipeline.
 Writes ``<out>/pairs/<pair_id>/{original,ours}.png`` and ``<out>/manifest.jsonl`` + ``manifest.csv`` (pair_id,
 prompt, seed, original, ours; image paths relative to ``<out>``), the input of ``revsd study serve``. Pairs already
 on disk are kept (an interrupted run resumes). ``--tiny`` runs a random-init tiny pipeline offline (smoke test).
+
+Weights: ``--sd-weights FOLDER`` (a diffusers SD folder: a full pipeline folder with ``model_index.json``, or just
+``unet/ vae/ text_encoder/ tokenizer/``), else ``$REVSD_WEIGHTS/stable-diffusion-v1-4/``, else the hub id through
+its local cache (:func:`revsd.weights.locate`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import torch
 from torch import nn
 
 from revsd.artifacts import atomic_path, save_csv, write_text
-from revsd.unet_encoder import SD_MODEL_ID, extract_encoder_state, tiny_sd_parts
+from revsd.sd_parts import SD_MODEL_ID, SD_PARTS, load_sd_parts, tiny_sd_parts
+from revsd.unet_encoder import extract_encoder_state
+from revsd.weights import locate
 
 MANIFEST_COLUMNS = ["pair_id", "prompt", "seed", "original", "ours"]
 
@@ -126,19 +132,27 @@ def pipeline_from_parts(parts: dict, device: str = "cpu", dtype: torch.dtype | N
 
 
 def build_pipeline(model_id: str = SD_MODEL_ID, tiny: bool = False, device: str = "cpu",
-                   safety_checker: bool = True):
-    """The hub's StableDiffusionPipeline with a DDIM scheduler (fp16 on CUDA); ``tiny``: offline random-init."""
+                   safety_checker: bool = True, sd_weights: str = ""):
+    """StableDiffusionPipeline with a DDIM scheduler (fp16 on CUDA) from a local SD folder or the hub (module
+    docstring); ``tiny``: offline random-init."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if tiny:
         return pipeline_from_parts(tiny_sd_parts(), device)
     kw = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    src = locate("unet", sd_weights, hub=model_id)
+    where = Path(src.require()).parent if src.local else model_id
+    if src.local and not (where / "model_index.json").exists():  # parts only: no safety checker to load
+        if safety_checker:
+            raise ValueError(f"{where}: no model_index.json, so no safety checker to load; pass "
+                             "--no-safety-checker, or use a full diffusers pipeline folder (save_pretrained)")
+        return pipeline_from_parts(load_sd_parts(model_id, parts=SD_PARTS, weights=sd_weights), device, dtype)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype, **kw)
+        pipe = StableDiffusionPipeline.from_pretrained(where, dtype=dtype, **kw)
     except OSError as e:
-        raise OSError(f"could not load {model_id!r} from the Hugging Face hub or its cache ({e}); download it "
-                      "once online, or use --tiny for an offline smoke run") from e
+        raise OSError(f"could not load SD from {str(where)!r} ({e}); {src.hint or 'check that folder'}; or use "
+                      "--tiny for an offline smoke run") from e
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -195,14 +209,15 @@ def write_manifest(out_dir: Path, rows: list[dict]) -> Path:
 
 def run(prompts: list[str], run_dir: str | Path, out_dir: str | Path, steps: int = 50, seed: int = 0,
         guidance: float = 7.5, model_id: str = SD_MODEL_ID, device: str = "cpu", tiny: bool = False,
-        safety_checker: bool = True, pipe=None) -> Path:
+        safety_checker: bool = True, pipe=None, sd_weights: str = "") -> Path:
     """Generate every pair (prompt i uses seed ``seed + i``); returns the manifest path."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     encoder_state = load_run_encoder(run_dir)
     tiny = tiny or bool(read_run_meta(run_dir).get("tiny", False))  # a tiny run only fits the tiny pipeline
-    pipe = pipe or build_pipeline(model_id, tiny=tiny, device=device, safety_checker=safety_checker)
+    pipe = pipe or build_pipeline(model_id, tiny=tiny, device=device, safety_checker=safety_checker,
+                                  sd_weights=sd_weights)
     install_swap(pipe, encoder_state)
     rows = []
     for i, prompt in enumerate(tqdm(prompts, desc="pairs", unit="pair")):
@@ -229,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i for both images")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--model-id", default=SD_MODEL_ID, help="the SD model the encoder was trained from")
+    ap.add_argument("--sd-weights", default="", help="local diffusers SD folder (default: $REVSD_WEIGHTS/"
+                    "stable-diffusion-v1-4, else the hub cache)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-safety-checker", action="store_true", help="disable SD's NSFW safety checker")
     ap.add_argument("--tiny", action="store_true", help="tiny random-init pipeline, offline (smoke test)")
     a = ap.parse_args(argv)
     manifest = run(read_prompts(a.prompts), a.unet_encoder, a.out, steps=a.steps, seed=a.seed,
                    guidance=a.guidance, model_id=a.model_id, device=a.device, tiny=a.tiny,
-                   safety_checker=not a.no_safety_checker)
+                   safety_checker=not a.no_safety_checker, sd_weights=a.sd_weights)
     print(f"wrote {manifest}  (next: revsd study serve --pairs {manifest})")
     return 0

