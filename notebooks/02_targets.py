@@ -24,7 +24,7 @@ model = ""
 vocab_size = 1000
 vocab_min_count = 2
 vocab_pos = "ADJ,NOUN,VERB"
-batch_size = 128
+batch_size = 0
 device = ""
 force = False
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from revsd import device, paths, targets
+from revsd import device, paths, targets, textenc
 from revsd.artifacts import save_parquet
 
 WEATHER = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
@@ -45,7 +45,7 @@ def test_shape_norm_determinism_and_batch_invariance(weather_emb):
 
 
 def test_load_minilm_is_cached_per_model_and_device():
-    assert targets.load_minilm("", "cpu") is targets.load_minilm("", "cpu")
+    assert textenc.load_minilm("", "cpu") is textenc.load_minilm("", "cpu")
     assert device.resolve_device("") in ("cpu", "cuda") and device.resolve_device("cpu") == "cpu"
 
 
@@ -68,7 +68,7 @@ def test_other_model_from_a_local_folder(tmp_path):
     assert emb.shape == (3, 32) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     with pytest.raises(OSError, match="packaged all-MiniLM-L6-v2"):
-        targets.load_minilm("no-such-org/no-such-model", "cpu")  # offline in tests (HF_HUB_OFFLINE=1)
+        textenc.load_minilm("no-such-org/no-such-model", "cpu")  # offline in tests (HF_HUB_OFFLINE=1)
 
 
 # --- the stage -------------------------------------------------------------------------------------------
@@ -165,3 +165,17 @@ def test_notebook_runs_headless(tmp_path):
                            tmp_path)
     assert out.exists()
     assert targets.load("nb").words[:2] == ["cat", "red"]
+
+
+def test_minilm_runs_on_the_gpu_when_there_is_one_with_big_batches(monkeypatch):
+    write_filtered("gpu", HAND, HAND_SPLITS)
+    seen = []
+    monkeypatch.setattr(targets, "encode_prompts",
+                        lambda prompts, model, batch, device, progress: seen.append((batch, device)) or
+                        np.ones((len(prompts), 384), np.float32) / np.sqrt(384))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    cfg = targets.TargetsConfig(exp="gpu", vocab_size=3, vocab_min_count=1, force=True)
+    targets.run(cfg)  # device "" -> cuda when available, batches of 1024
+    targets.run(cfg.replace(batch_size=64))
+    targets.run(cfg.replace(device="cpu"))
+    assert seen == [(1024, "cuda"), (64, "cuda"), (128, "cpu")]

@@ -76,3 +76,54 @@ def test_vocab_counts_equal_label_column_sums_on_real_prompts():
     assert {"detailed", "painting", "portrait"} <= set(words)  # staples of SD prompts
     labels = vocab.label_matrix(prompts, words)
     np.testing.assert_array_equal(np.asarray(labels.sum(axis=0)).ravel(), counts)
+
+
+# --- the batched tagger reproduces spaCy's pipeline ----------------------------------------------------------
+
+TRICKY = ["I ain't gonna paint y'all, let's go", "c'mon, it is what it is", "There is a CAT; there are 2 cats!",
+          "  double  spaces\tand\nnewlines ", "１２ ｆｕｌｌ-width, émigré café, naïve façade", "8k 4k hd uhd 1024x1024",
+          "", "!!!", "a", "photo of a gon na robot", "‘quoted’ “words” — dashes"]
+
+
+def test_fast_path_equals_spacy_pipeline_on_real_and_tricky_prompts():
+    prompts = pd.read_parquet(REAL_PROMPTS)["prompt"].astype(str).tolist()[1000:1600] + TRICKY
+    vocab.clear_cache()
+    one_by_one = []
+    for t in prompts[-60:]:  # batches of one prompt (the tricky ones and some real ones)
+        vocab.lemmatize([t])
+        one_by_one.append(vocab._CACHE[t])
+    vocab.clear_cache()
+    vocab.lemmatize(prompts, pos="ADJ,NOUN,VERB,PROPN", batch_size=256)
+    batched = [vocab._CACHE[t] for t in prompts]
+    reference = vocab.spacy_candidates(prompts)
+    assert batched == reference
+    assert one_by_one == reference[-60:]
+    assert sum(map(len, reference)) > 3000  # real content, not empty tuples
+
+
+def test_tagger_tags_equal_spacy_tags_and_skips_unneeded_tokens():
+    prompts = [t.lower() for t in pd.read_parquet(REAL_PROMPTS)["prompt"].astype(str).tolist()[:200]]
+    nlp, ann = vocab._nlp(), vocab._annotator()
+    docs = list(nlp.tokenizer.pipe(prompts))
+    needed = np.random.default_rng(0).random(sum(map(len, docs))) < 0.5
+    tags = ann.tagger(docs, needed)
+    labels = nlp.get_pipe("tagger").labels
+    expected = np.array([labels.index(t.tag_) for d in nlp.pipe(prompts) for t in d])
+    np.testing.assert_array_equal(tags[needed], expected[needed])
+    assert (tags[~needed] == -1).all()
+
+
+def test_multi_token_ruler_patterns_go_through_spacy(monkeypatch):
+    calls = []
+    real = vocab.spacy_candidates
+    monkeypatch.setattr(vocab, "spacy_candidates", lambda texts: calls.append(list(texts)) or real(texts))
+    out = vocab._annotator()(["we are gon na win", "a red cat"])
+    assert calls == [["we are gon na win"]]  # only the prompt a two-token pattern could match
+    assert out == real(["we are gon na win", "a red cat"])
+
+
+def test_unique_rows_matches_numpy():
+    a = np.random.default_rng(1).integers(0, 5, size=(500, 3))
+    u, inv = vocab._unique_rows(a)
+    np.testing.assert_array_equal(u[inv], a)
+    assert len(u) == len(np.unique(a, axis=0))

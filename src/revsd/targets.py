@@ -1,5 +1,8 @@
 """02_targets: all-MiniLM-L6-v2 prompt embeddings (the regression targets), vocabulary and label matrix.
 
+At DiffusionDB scale: MiniLM runs on the GPU when there is one (batches of 1024), and the vocabulary/labels use
+``revsd.vocab``'s batched spaCy tagger (``bench/bench_targets.py``: same labels as spaCy's own pipeline).
+
 Reads ``working/01_filter/<exp>/filtered.parquet``; writes into ``working/02_targets/<exp>/``:
 ``targets.npy`` float32 (n, 384) L2-normalised and row-aligned with the filtered table, ``ids.npy`` (image ids
 in row order, to check that alignment), ``vocab.json``, ``labels.npz`` (scipy CSR uint8 (n, m)) and
@@ -18,6 +21,7 @@ import scipy.sparse as sp
 from revsd import paths, vocab
 from revsd.artifacts import atomic_path, read_json, save_npy, write_json
 from revsd.config import StageConfig
+from revsd.device import resolve_device
 from revsd.textenc import DEFAULT_MODEL, EMB_DIM, encode_prompts  # noqa: F401  (targets.EMB_DIM is public)
 
 STAGE = "02_targets"
@@ -31,7 +35,7 @@ class TargetsConfig(StageConfig):
     vocab_size: int = 1000  # m, words kept in the vocabulary
     vocab_min_count: int = 2  # a word must occur in at least this many training prompts
     vocab_pos: str = "ADJ,NOUN,VERB"  # spaCy word classes in the vocabulary (the paper's); add PROPN for names
-    batch_size: int = 128  # prompts per encoding batch
+    batch_size: int = 0  # prompts per MiniLM batch; 0 = auto: 1024 on a GPU, 128 on the CPU
     device: str = ""  # "" means cuda if available, else cpu
     force: bool = False  # recompute the embeddings even when targets.npy matches the table
 
@@ -107,7 +111,10 @@ def run(cfg: TargetsConfig) -> TargetSet:
 
     emb = None if cfg.force else _cached_targets(out, ids, cfg.model)
     if emb is None:
-        emb = encode_prompts(prompts, cfg.model, cfg.batch_size, cfg.device or None, progress=True)
+        device = resolve_device(cfg.device or None)
+        batch = cfg.batch_size or (1024 if device.startswith("cuda") else 128)
+        print(f"encoding {len(prompts)} prompts with MiniLM on {device}, batches of {batch}")
+        emb = encode_prompts(prompts, cfg.model, batch, device, progress=True)
         save_npy(out / "targets.npy", emb)
         save_npy(out / "ids.npy", ids)
     else:
