@@ -129,6 +129,19 @@ def test_chosen_text_is_the_closest_candidate(bank, real_prompts):
 
 def test_chooser_without_words_or_modifiers(bank, real_prompts):
     q = encode(real_prompts[:3])
-    out = TextChooser(bank, None, k=3)(q)
+    out = TextChooser(bank, None, k=3, pool=10, rounds=0)(q)
     assert [o.prompt for o in out] == real_prompts[:3]
-    assert all(len(o.candidates) == 3 for o in out)
+    assert all(len(o.candidates) == 10 and len(o.neighbors) == 3 for o in out)  # the pool, scored from the bank
+    out = TextChooser(bank, None, k=3)(q)  # parts of the neighbours as phrases: the exact prompt still wins
+    assert [o.prompt for o in out] == real_prompts[:3] and all(o.cosine > 0.999 for o in out)
+
+
+def test_beam_search_extends_and_shortens():
+    """Targets one phrase away from a bank prompt: the beam finds them exactly, plain retrieval cannot."""
+    base = ["a red fox in the snow", "a lighthouse at night, stormy sea, oil painting", "portrait of an old sailor"]
+    mods = build_bank(["by Greg Rutkowski", "watercolor", "trending on artstation", "cinematic lighting",
+                       "by Claude Monet", "pixel art", "studio photo"], progress=False)
+    targets = ["a red fox in the snow, watercolor, by Claude Monet", "a lighthouse at night, oil painting"]
+    out = TextChooser(build_bank(base, progress=False), mods, k=2, rounds=3, beam=2)(encode(targets))
+    assert [sorted(o.prompt.split(", ")) for o in out] == [sorted(t.split(", ")) for t in targets]  # any order
+    assert all(o.cosine > 0.98 and o.cosine > o.neighbors[0][1] + 0.05 for o in out)

@@ -9,11 +9,13 @@ Default bank (``working/banks/default/``): the 18k real DiffusionDB prompts in
 of that experiment's ``split == "train"`` rows (``working/banks/train_<exp>/``). Validation and test prompts
 never enter a bank, so the held-out text report (:func:`revsd.predict.evaluate_text`) cannot look the answer up.
 
-Readable prompt (:class:`TextChooser`): candidates are the top-k bank prompts, each of them extended with the
-vocabulary head's confident words, the words alone, then up to ``rounds`` greedy extensions of the best text
-with modifier phrases (``input/modifiers/``: artists, mediums, movements, trendings, frequent DiffusionDB
-phrases) nearest to the predicted embedding. The chosen text is the candidate whose OWN MiniLM embedding has
-the highest cosine to the predicted embedding; candidates are batch-encoded, the result is deterministic.
+Readable prompt (:class:`TextChooser`): candidates are the nearest bank prompts (scored from their stored
+embeddings), the vocabulary head's confident words alone and appended to the nearest prompts, then a short beam
+search that extends the best texts with the phrases (``input/modifiers/``: artists, mediums, movements,
+trendings, frequent DiffusionDB phrases; and the parts of the nearest prompts) that best fill the residual to
+the predicted embedding, or drops one of their parts. The chosen text is the candidate whose OWN MiniLM
+embedding has the highest cosine to the predicted embedding; candidates are batch-encoded, the result is
+deterministic. ``bench/bench_text.py`` measures it against the previous greedy chooser.
 """
 
 from __future__ import annotations
@@ -252,13 +254,27 @@ def _join(base: str, extra: Sequence[str]) -> str:
     return ", ".join([base, *add]) if add and base else ", ".join(add) or base
 
 
-class TextChooser:
-    """Pick, per predicted embedding, the candidate text whose own MiniLM embedding is closest to it."""
+def _segments(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if len(s.strip()) > 1]
 
-    def __init__(self, bank: PromptBank, modifiers: PromptBank | None = None, k: int = 5, rounds: int = 2,
-                 per_round: int = 8, max_words: int = 6, model: str = ""):
+
+class TextChooser:
+    """Pick, per predicted embedding, the candidate text whose own MiniLM embedding is closest to it.
+
+    Candidates: the ``pool`` nearest bank prompts (scored from the bank's stored embeddings, no encoding), the
+    vocabulary words alone and appended to the ``k`` nearest, then ``rounds`` of beam search: each of the
+    ``beam`` best texts is extended by the ``per_round`` phrases that best fill what it misses (highest cosine
+    to the residual, the target minus its projection on the text's embedding) and shortened by each of its
+    comma-separated parts. Phrases: the ``phrases`` modifier phrases nearest the target plus the parts of the
+    nearest bank prompts. Every new text is batch-encoded (cached); the result is deterministic.
+    """
+
+    def __init__(self, bank: PromptBank, modifiers: PromptBank | None = None, k: int = 5, rounds: int = 3,
+                 per_round: int = 6, max_words: int = 6, model: str = "", pool: int = 64, beam: int = 2,
+                 phrases: int = 48):
         self.bank, self.modifiers, self.k, self.rounds = bank, modifiers, k, rounds
         self.per_round, self.max_words, self.model = per_round, max_words, model
+        self.pool, self.beam, self.phrases = max(pool, k), beam, phrases
         self._cache: dict[str, np.ndarray] = {}
 
     def _embed(self, texts) -> None:
@@ -273,31 +289,62 @@ class TextChooser:
                 if t not in cands[i]:
                     cands[i][t] = float(self._cache[t] @ emb[i])
 
+    def _phrase_pool(self, emb: np.ndarray, neighbors: list[list[tuple[str, float]]]):
+        """Per image: phrase texts and their embeddings (modifiers nearest the target + neighbour parts)."""
+        texts = [[] for _ in emb]
+        vecs = [[] for _ in emb]
+        if self.modifiers is not None and self.phrases > 0:
+            _, midx = self.modifiers.search(emb, self.phrases)
+            for i, row in enumerate(midx):
+                row = row[row >= 0]
+                texts[i] += [self.modifiers.prompts[j] for j in row]
+                vecs[i].append(self.modifiers.emb[row])
+        parts = [list(dict.fromkeys(s for p, _ in nb[: self.k] for s in _segments(p))) for nb in neighbors]
+        self._embed([s for ps in parts for s in ps])
+        for i, ps in enumerate(parts):
+            texts[i] += ps
+            vecs[i].append(np.stack([self._cache[s] for s in ps]) if ps else np.zeros((0, emb.shape[1]), np.float32))
+        return texts, [np.concatenate(v) if v else np.zeros((0, emb.shape[1]), np.float32) for v in vecs]
+
+    def _moves(self, text: str, target: np.ndarray, phrases: list[str], pvecs: np.ndarray) -> list[str]:
+        """Extensions by the phrases nearest the residual, and the text with one part left out."""
+        e = self._cache.get(text)
+        resid = target - (target @ e) * e if e is not None else target
+        low = text.lower()
+        order = np.argsort(-(pvecs @ resid), kind="stable") if len(pvecs) else []
+        ext = [_join(text, [phrases[j]]) for j in order if phrases[j].lower() not in low][: self.per_round]
+        parts = _segments(text)
+        cut = [", ".join(parts[:j] + parts[j + 1:]) for j in range(len(parts))] if len(parts) > 1 else []
+        return ext + cut
+
     def __call__(self, emb: np.ndarray, words: Sequence[Sequence[str]] | None = None) -> list[Readable]:
         """``emb`` (n, 384) predicted embeddings; ``words[i]``: image i's confident words, most probable first."""
         emb = np.atleast_2d(np.asarray(emb, dtype=np.float32))
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         n = len(emb)
         words = [list(w)[: self.max_words] for w in (words or [[]] * n)]
-        scores, idx = self.bank.search(emb, self.k)
-        neighbors = [[(self.bank.prompts[j], float(s)) for s, j in zip(srow, irow) if j >= 0]
-                     for srow, irow in zip(scores, idx)]
-        cands: list[dict[str, float]] = [dict(nb) for nb in neighbors]
+        scores, idx = self.bank.search(emb, self.pool)
+        pooled = [[(self.bank.prompts[j], float(s)) for s, j in zip(srow, irow) if j >= 0]
+                  for srow, irow in zip(scores, idx)]
+        neighbors = [nb[: self.k] for nb in pooled]
+        cands: list[dict[str, float]] = [dict(nb) for nb in pooled]
+        for row in idx:  # bank prompts come with their embeddings: no encoding when a move starts from one
+            self._cache.update((self.bank.prompts[j], self.bank.emb[j]) for j in row[row >= 0])
         pending = [dict.fromkeys([_join("", w)] * bool(w) + [_join(p, w) for p, _ in nb if w])
                    for nb, w in zip(neighbors, words)]
         self._score(pending, emb, cands)
-        if self.modifiers is not None and self.rounds > 0:
-            _, midx = self.modifiers.search(emb, self.per_round)
-            phrases = [[self.modifiers.prompts[j] for j in row if j >= 0] for row in midx]
-            best = [max(c, key=c.get) for c in cands]
+        if self.rounds > 0:
+            phrases, pvecs = self._phrase_pool(emb, pooled)
+            beams = [sorted(c, key=c.get, reverse=True)[: self.beam] for c in cands]
             for _ in range(self.rounds):
-                pending = [dict.fromkeys(t for t in (_join(b, [p]) for p in ph) if t != b)
-                           for b, ph in zip(best, phrases)]
+                self._embed([b for bs in beams for b in bs])
+                pending = [dict.fromkeys(t for b in bs for t in self._moves(b, emb[i], phrases[i], pvecs[i])
+                                         if t and t != b) for i, bs in enumerate(beams)]
                 self._score(pending, emb, cands)
-                new_best = [max(c, key=c.get) for c in cands]
-                if new_best == best:
+                new_beams = [sorted(c, key=c.get, reverse=True)[: self.beam] for c in cands]
+                if new_beams == beams:
                     break
-                best = new_best
+                beams = new_beams
         out = []
         for nb, c in zip(neighbors, cands):
             top = max(c, key=c.get)
