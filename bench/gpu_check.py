@@ -9,7 +9,7 @@ uninterrupted one, and that the predictor reloads. 3 epochs at lr 1e-4 are a pat
 """
 
 import json, time, torch
-from revsd import train
+from revsd import inference, train
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0), "torch", torch.__version__)
 base = dict(exp="gpu", mode="finetune", epochs=3, batch_size=32, lr=1e-4, dropout=0.1, hidden=256, ema=0.99,
             llrd=0.8, grad_accum=2, num_workers=8)
@@ -29,7 +29,7 @@ except train.Interrupted as e:
 d = train.run(train.TrainConfig(**base, backbone="effnet_lite0", run="resumed"))
 m = train.load_metrics(d)
 print("resume equal to uninterrupted:", m["val_cosine"] == res["ft_effnet"]["val"], m["test_cosine"] == res["ft_effnet"]["test"], m["val_cosine"], res["ft_effnet"]["val"])
-p = train.load_predictor(d)
+p = inference.load_predictor(d)
 from PIL import Image
 import glob
 imgs = [Image.open(f).convert("RGB") for f in sorted(glob.glob("input/sample/images/part-000001/*.jpg"))[:8]]

@@ -28,6 +28,7 @@ exp = "demo"
 backbone = "effnet_lite0"
 mode = "frozen"
 head_config = "concat"
+vocab_head = True
 lam = 1.0
 vocab_size = 0
 epochs = 20

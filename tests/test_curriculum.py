@@ -139,7 +139,7 @@ def curriculum_exp(prepared_exp):
     for stage in ("01_filter", "02_targets"):
         shutil.copytree(paths.stage_dir(stage, prepared_exp, create=False), paths.stage_dir(stage, exp, create=False),
                         dirs_exist_ok=True)
-    base = dict(exp=exp, epochs=3, batch_size=8, smoke=True, tiny=True, lam=0.0)
+    base = dict(exp=exp, epochs=3, batch_size=8, smoke=True, tiny=True, vocab_head=False)
     difficulty.run(difficulty.DifficultyConfig(**base, reuse=False, run="d"))
     plain = train.run(train.TrainConfig(**base))
     return base, plain

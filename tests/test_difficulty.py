@@ -48,7 +48,7 @@ def copy_exp(src: str, dst: str) -> str:
 @pytest.fixture(scope="module")
 def difficulty_run(prepared_exp):
     cfg = difficulty.DifficultyConfig(exp=copy_exp(prepared_exp, "t_difficulty"), epochs=2, smoke=True, tiny=True,
-                                      lam=0.0, reuse=False, run="d0")
+                                      vocab_head=False, reuse=False, run="d0")
     return cfg, difficulty.run(cfg)
 
 

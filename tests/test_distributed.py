@@ -74,7 +74,10 @@ def _assert_close_runs(a, b, tol=TOL):
         pa, pb = artifacts.load_predictions(a / name), artifacts.load_predictions(b / name)
         assert pa.ids.tolist() == pb.ids.tolist(), name
         np.testing.assert_allclose(pa.emb, pb.emb, atol=tol, err_msg=name)
-        np.testing.assert_allclose(pa.probs, pb.probs, atol=tol, err_msg=name)
+        if name == "preds_train.npz":  # lean: no vocabulary probabilities for the training rows
+            assert pa.probs is None and pb.probs is None
+        else:
+            np.testing.assert_allclose(pa.probs, pb.probs, atol=tol, err_msg=name)
     ca, cb = (pd.read_csv(d / "sample_cosines.csv", dtype={"image_id": str}) for d in (a, b))
     assert ca[["image_id", "epoch"]].equals(cb[["image_id", "epoch"]])  # same rows, same order
     np.testing.assert_allclose(ca["cosine"], cb["cosine"], atol=tol + 1e-6)  # (rounded to 6 decimals)
@@ -92,7 +95,7 @@ def test_two_processes_write_the_artifacts_once(runs):
     for name in ("config.json", "summary.csv", "model.safetensors", "model.json", "preds_train.npz", "preds_oof.npz",
                  "preds_test.npz", "sample_cosines.csv", "metrics.json", "DONE"):
         assert (two / name).exists(), name
-    assert not [p.name for p in two.iterdir() if p.name.startswith((".", "last"))]  # no temp files, no checkpoint
+    assert not [p.name for p in two.iterdir() if p.name.startswith((".", "last", "ckpt-"))]  # no temp files, no checkpoint
     ts = targets.load(EXP)
     cfg = train.TrainConfig(**ARGS)
     n_train = len(train.training_rows(cfg, ts))
@@ -128,7 +131,7 @@ def test_two_processes_resume_after_interruption(runs):
     stopped = _launch("two_resumed", stop_after_epoch=2)
     assert stopped.returncode != 0 and "stopped after epoch 2" in stopped.stdout + stopped.stderr
     part = single.parent / "two_resumed"
-    assert (part / "last_state.pt").exists() and not (part / "DONE").exists()
+    assert (part / "last.json").exists() and not (part / "DONE").exists()
     assert train.load_summary(part)["epoch"].tolist() == [1, 2]
     resumed = _launch("two_resumed")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

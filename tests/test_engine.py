@@ -102,3 +102,69 @@ def test_checkpoint_roundtrip(tmp_path):
     assert sched2.last_epoch == sched.last_epoch
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     assert engine.load_checkpoint(tmp_path / "none", other) is None
+
+
+def _fresh(seed=0):
+    model = _model(seed, vocab=3)
+    opt = engine.create_optimizer(model, lr=0.01)
+    return model, opt, engine.create_scheduler(opt, 12), engine.ModelEma(model, 0.5)
+
+
+def _train_to(directory, epochs: int, until_fault=None):
+    """Resume from ``directory``'s checkpoint (if any) and train to ``epochs``, checkpointing after each epoch."""
+    model, opt, sched, ema = _fresh(seed=1)  # other init: only a restored checkpoint can make it match
+    state = engine.load_checkpoint(directory, model, opt, sched, ema) or {}
+    batches = [dict(b, labels=torch.ones(len(b["x"]), 3)) for b in _batches()]
+    for epoch in range(state.get("epoch", 0), epochs):
+        torch.manual_seed(epoch)
+        engine.train_one_epoch(model, batches, opt, sched, ema=ema)
+        engine.save_checkpoint(directory, model, opt, sched, ema, epoch=epoch + 1)
+    return model, opt, ema
+
+
+def test_checkpoint_interrupted_at_every_write_resumes_exactly(tmp_path, monkeypatch):
+    """A save killed at its k-th write (a half-written temp file left behind, nothing renamed) for every k: the
+    resumed run equals the uninterrupted one, and the stray files are cleaned up."""
+    ref_model, ref_opt, ref_ema = _train_to(tmp_path / "ref", 3)
+    real_write, writes = engine._write, []
+    monkeypatch.setattr(engine, "_write", lambda path, write: (writes.append(path), real_write(path, write)))
+    _train_to(tmp_path / "count", 1)
+    n_writes = len(writes)
+    assert n_writes == 4  # weights, EMA weights, state, pointer
+
+    for k in range(n_writes):
+        d = tmp_path / f"fault{k}"
+        _train_to(d, 1)  # a first, complete checkpoint
+        calls = []
+
+        def faulty(path, write, k=k):
+            calls.append(path)
+            if len(calls) == k + 1:  # killed mid-write: a partial temp file, no rename
+                (path.parent / f".{path.name}.x1y2.tmp{path.suffix}").write_bytes(b"partial")
+                raise KeyboardInterrupt("killed")
+            real_write(path, write)
+
+        monkeypatch.setattr(engine, "_write", faulty)
+        with pytest.raises(KeyboardInterrupt):
+            _train_to(d, 3)
+        monkeypatch.setattr(engine, "_write", real_write)
+        assert engine.load_checkpoint(d, _fresh()[0]) == {"epoch": 1}  # the last complete checkpoint
+        model, opt, ema = _train_to(d, 3)
+        for a, b in zip(ref_model.state_dict().values(), model.state_dict().values()):
+            assert torch.equal(a, b), k
+        for a, b in zip(ref_ema.module.state_dict().values(), ema.module.state_dict().values()):
+            assert torch.equal(a, b), k
+        assert opt.state_dict()["state"][0]["step"] == ref_opt.state_dict()["state"][0]["step"]
+        left = sorted(p.name for p in d.iterdir())
+        assert len(left) == 4 and "last.json" in left and not [n for n in left if ".tmp" in n], left
+
+
+def test_damaged_checkpoint_is_refused(tmp_path):
+    model, opt, sched, ema = _fresh()
+    engine.save_checkpoint(tmp_path, model, opt, sched, ema, epoch=1)
+    weights = next(tmp_path.glob("ckpt-*[0-9a-f].safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="damaged checkpoint"):
+        engine.load_checkpoint(tmp_path, _fresh()[0])
+    engine.remove_checkpoint(tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -1,7 +1,9 @@
 import pytest
 import torch
+from torch import nn
 
-from revsd.heads import HEAD_CONFIGS, PromptHead, RevSDModel
+from revsd.heads import PromptHead, RevSDModel
+from revsd.variants import HEAD_CONFIGS, HeadConfig
 
 
 @pytest.mark.parametrize("config", HEAD_CONFIGS)
@@ -48,5 +50,35 @@ def test_plain_model_has_no_vocabulary_head(config):
 
 
 def test_unknown_config_rejected():
-    with pytest.raises(ValueError, match="head config"):
+    with pytest.raises(ValueError, match="head_config must be one of"):
         PromptHead(16, 384, 3, "sideways")
+
+
+@pytest.mark.parametrize("config", HEAD_CONFIGS)
+def test_paper_heads_are_one_linear_layer_each(config):
+    """hidden=0, dropout=0, norm=False: exactly one fully connected layer per head, nothing else."""
+    head = PromptHead(16, 384, 7, config, hidden=0, dropout=0.0, norm=False)
+    layers = [m for m in head.modules() if not isinstance(m, (PromptHead, nn.Sequential, nn.Identity))]
+    assert len(layers) == 2 and all(isinstance(m, nn.Linear) for m in layers)
+    # no normalisation: the embedding is an affine function of the features (concat: of features + probs)
+    x = torch.randn(3, 16)
+    emb, logits = head(x)
+    if config == "parallel":
+        torch.testing.assert_close(emb, x @ head.emb_head[0].weight.T + head.emb_head[0].bias)
+        torch.testing.assert_close(logits, x @ head.vocab_head[0].weight.T + head.vocab_head[0].bias)
+
+
+def test_a_new_registry_entry_is_built_from_its_flags(monkeypatch):
+    """A head configuration is one entry of revsd.variants.HEAD_CONFIGS: heads builds it from its wiring flags."""
+    from revsd import variants
+
+    entry = HeadConfig("cls_from_emb", "cfg3b", 0, "test", vocab_reads="embedding")
+    monkeypatch.setitem(variants.HEAD_CONFIGS, entry.name, entry)
+    head = PromptHead(16, 384, 7, entry.name, hidden=8, dropout=0.0)
+    assert head.vocab_head[-1].in_features == 384 and head.emb_head[-1].in_features == 8
+    emb, logits = head.eval()(torch.randn(2, 16))
+    torch.testing.assert_close(head.vocab_head(emb), logits)
+    cyclic = HeadConfig("cyclic", "cyc", 0, "test", vocab_reads="embedding", probs_to_embedding=True)
+    monkeypatch.setitem(variants.HEAD_CONFIGS, cyclic.name, cyclic)
+    with pytest.raises(ValueError, match="cycle"):
+        PromptHead(16, 384, 7, cyclic.name)

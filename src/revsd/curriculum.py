@@ -179,9 +179,9 @@ class CurriculumConfig(train.TrainConfig):
         """The fresh 03_train run: ``variant`` curriculum_<heuristic> (unless set); the default run name also
         carries the variant of the run without curriculum, e.g. effnet_lite0_cfg2_curriculum_equal_f-1_s0."""
         variant = self.variant or f"curriculum_{self.heuristic}"
-        base = train.resolve_variant(difficulty.as_train_config(self, variant=""))
+        base = train.resolve_variant(train.as_train_config(self, variant=""))
         run = self.run or f"{self.backbone}_{base}_{variant}_f{self.fold}_s{self.seed}"
-        return difficulty.as_train_config(self, variant=variant, run=run)
+        return train.as_train_config(self, variant=variant, run=run)
 
 
 def resolve_difficulty_run(cfg: CurriculumConfig) -> str:
@@ -194,8 +194,9 @@ def resolve_difficulty_run(cfg: CurriculumConfig) -> str:
                for p in sorted(root.glob("*/difficulty.csv"))}
     found = [name for name, c in configs.items() if c.get("backbone") == cfg.backbone]
     if len(found) > 1:
-        want = {k: v for k, v in difficulty.as_train_config(cfg).to_dict().items() if k not in runs.NEUTRAL_FIELDS}
-        found = [name for name in found if all(configs[name].get(k) == v for k, v in want.items())] or found
+        want = runs.result_fields(train.comparable(train.as_train_config(cfg).to_dict()))
+        found = [name for name in found
+                 if all(train.comparable(configs[name]).get(k) == v for k, v in want.items())] or found
     if not found:
         raise FileNotFoundError(f"no 04_difficulty run for exp {cfg.exp!r} and backbone {cfg.backbone!r} under "
                                 f"{root}: run notebooks/04_difficulty.py first (or set difficulty_run)")
@@ -224,18 +225,6 @@ def assign_chunks(ids, scores: pd.Series, invalid=(), heuristic: str = "equal", 
     return table
 
 
-def _claim_run_dir(cfg: CurriculumConfig, tcfg) -> Path:
-    """The run directory; raises if it holds a curriculum run with other curriculum settings."""
-    run_dir = paths.stage_dir(STAGE, cfg.exp, train.run_name(tcfg), create=False)
-    saved = run_dir / "curriculum.json"
-    if saved.exists() and artifacts.read_json(saved) != cfg.to_dict():
-        old = artifacts.read_json(saved)
-        diff = {k: (old.get(k), v) for k, v in cfg.to_dict().items() if old.get(k) != v}
-        raise ConfigError(f"{run_dir} holds a curriculum run with other settings {diff} (saved, new): pick another "
-                          "run name (run=...) or delete that directory")
-    return run_dir
-
-
 def run(cfg: CurriculumConfig) -> Path:
     """Train from scratch on the curriculum; returns the run directory (same artifacts as a 03_train run)."""
     if cfg.heuristic not in HEURISTICS:
@@ -247,7 +236,9 @@ def run(cfg: CurriculumConfig) -> Path:
     scores = difficulty.load(cfg.exp, cfg.difficulty_run).set_index("image_id")["difficulty"]
     chunk_table = assign_chunks(ids, scores, difficulty.invalid_ids(cfg.exp, cfg.difficulty_run), cfg.heuristic,
                                 cfg.easy_share, cfg.hard_share)
-    run_dir = _claim_run_dir(cfg, tcfg)
+    run_dir = paths.stage_dir(STAGE, cfg.exp, train.run_name(tcfg))
+    runs.claim_run_dir(run_dir, cfg.to_dict(), saved="curriculum.json", owned=("chunks.csv", "schedule.csv"),
+                       normalise=train.comparable, what="a curriculum run")
     sampler = CurriculumSampler(chunk_table["chunk"].to_numpy(), train.total_steps(tcfg, len(chunk_table)),
                                 tcfg.batch_size, parse_schedule(cfg.stage_starts), tcfg.seed)
     print(f"{cfg.heuristic} chunks from 04_difficulty/{cfg.exp}/{cfg.difficulty_run}; schedule:\n"
@@ -285,7 +276,7 @@ def baseline_run_for(run_dir: str | Path, name: str = "") -> Path | None:
     cfg = CurriculumConfig.from_dict(artifacts.read_json(Path(run_dir) / "curriculum.json"))
     if name:
         return paths.stage_dir("03_train", cfg.exp, name, create=False)
-    found = [p for p in runs.matching_runs("03_train", cfg.train_config().to_dict())
+    found = [p for p in runs.matching_runs("03_train", cfg.train_config().to_dict(), normalise=train.comparable)
              if not train.load_metrics(p).get("variant", "").startswith("curriculum")]
     return found[0] if found else None
 

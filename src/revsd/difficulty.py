@@ -22,13 +22,6 @@ log = logging.getLogger(__name__)
 STAGE = "04_difficulty"
 
 
-def as_train_config(cfg: "train.TrainConfig", **changes) -> "train.TrainConfig":
-    """The plain ``train.TrainConfig`` inside a stage config that extends it (plus ``changes``)."""
-    fields = train.TrainConfig.field_names()
-    tcfg = train.TrainConfig(**{**{k: v for k, v in cfg.to_dict().items() if k in fields}, **changes})
-    return tcfg.replace(run=train.run_name(tcfg))  # the resolved name, as train.run saves it in config.json
-
-
 @dataclasses.dataclass(frozen=True)
 class DifficultyConfig(train.TrainConfig):
     """Every 03_train setting (``epochs`` is E, the length of the preliminary phase), plus:"""
@@ -36,7 +29,7 @@ class DifficultyConfig(train.TrainConfig):
     reuse: bool = True  # reuse a finished 03_train run with exactly these settings instead of retraining
 
     def train_config(self) -> "train.TrainConfig":
-        return as_train_config(self)
+        return train.as_train_config(self)
 
 
 def difficulty_table(sample_cosines: pd.DataFrame) -> pd.DataFrame:
@@ -63,13 +56,20 @@ def difficulty_path(exp: str, run: str) -> Path:
 def run(cfg: DifficultyConfig) -> Path:
     """Score every training image; returns the run directory holding ``difficulty.csv``."""
     tcfg = cfg.train_config()
-    reusable = [p for p in runs.matching_runs("03_train", tcfg.to_dict()) if (p / "sample_cosines.csv").exists()]
+    reusable = [p for p in runs.matching_runs("03_train", tcfg.to_dict(), normalise=train.comparable)
+                if (p / "sample_cosines.csv").exists()]
     if cfg.reuse and reusable:
         source = reusable[0]
         log.info("reusing sample_cosines.csv of the finished 03_train run %s (same settings)", source)
         print(f"04_difficulty: reusing the per-sample cosines of the finished 03_train run {source} "
               "(exactly the same settings; no retraining)")
         run_dir = paths.stage_dir(STAGE, cfg.exp, train.run_name(tcfg))
+        saved = run_dir / "difficulty.json"  # scores of other settings are never overwritten silently
+        if saved.exists():
+            old = artifacts.read_json(saved)["config"]
+            diff = runs.config_diff(train.comparable(old), train.comparable(cfg.to_dict()))
+            if diff:
+                raise runs.conflict(run_dir, diff, "difficulty scores")
     else:
         source = run_dir = train.run(tcfg, stage=STAGE)
     table = difficulty_table(pd.read_csv(source / "sample_cosines.csv", dtype={"image_id": str}))

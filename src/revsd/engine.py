@@ -1,5 +1,9 @@
 """Training loops and their tools (timm-style names): ``create_optimizer``, ``create_scheduler``, ``ModelEma``,
-``train_one_epoch``, ``validate``, checkpoints (safetensors weights + a weights-only ``torch.save`` state file).
+``train_one_epoch``, ``validate``, checkpoints (safetensors weights + a weights-only ``torch.save`` state file,
+committed as one unit by a pointer file written last).
+
+The eval forward is ``revsd.inference.forward_batches`` (shared with the predictor); this module only adds the
+training side.
 
 Batches are dicts with ``x`` (images or cached features), ``targets`` (B, 384), optional ``labels`` (B, m),
 ``context``, ``index`` (positions of the samples, for per-sample cosines) and, in multi-process training only,
@@ -9,18 +13,22 @@ Batches are dicts with ``x`` (images or cached features), ``targets`` (B, 384), 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import secrets
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revsd.artifacts import atomic_path, write_json
+from revsd.artifacts import atomic_path, read_json
+from revsd.inference import autocast, forward_batches, load_weights, to_device
 from revsd.metrics import row_cosines
+from revsd.runs import CHECKPOINT
 
 
 # --- optimizer / scheduler ------------------------------------------------------------------------------------
@@ -30,10 +38,12 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
 
 
 def create_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, llrd: float = 1.0,
-                     backbone_lr_scale: float = 1.0, n_layers: int = 12) -> torch.optim.Optimizer:
-    """AdamW; no decay on biases and norms. Backbone parameters (``model.backbone``) get
-    ``lr * backbone_lr_scale * llrd ** (n_layers - 1 - layer)``, layers being ``n_layers`` equal buckets of the
-    backbone's parameters in registration order (input side first): layer-wise lr decay for any architecture."""
+                     backbone_lr_scale: float = 1.0, n_layers: int = 12, fused: bool = False
+                     ) -> torch.optim.Optimizer:
+    """AdamW (``fused``: the fused CUDA kernel); no decay on biases and norms. Backbone parameters
+    (``model.backbone``) get ``lr * backbone_lr_scale * llrd ** (n_layers - 1 - layer)``, layers being ``n_layers``
+    equal buckets of the backbone's parameters in registration order (input side first): layer-wise lr decay for
+    any architecture."""
     groups: dict[tuple[float, bool], list] = {}
     backbone = getattr(model, "backbone", None)
     bb_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
@@ -46,7 +56,7 @@ def create_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, llr
         groups.setdefault((scale, _no_decay(name, p)), []).append(p)
     param_groups = [{"params": ps, "lr": lr * scale, "lr_scale": scale, "weight_decay": 0.0 if nd else weight_decay}
                     for (scale, nd), ps in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=lr)
+    return torch.optim.AdamW(param_groups, lr=lr, **({"fused": True} if fused else {}))
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
@@ -82,17 +92,6 @@ class ModelEma:
 
 
 # --- loops ----------------------------------------------------------------------------------------------------
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def autocast(device, amp: bool):
-    dev = torch.device(device)
-    if amp and dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return nullcontext()
-
 
 def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("x", "context", "targets", "labels") if k in batch}
@@ -174,35 +173,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.
             "cosines": np.concatenate(cos_all) if cos_all else np.zeros(0, np.float32)}
 
 
-@torch.no_grad()
-def _forward_all(model: nn.Module, batches: Iterable[dict], device, amp: bool):
-    """Stream the batches once (eval mode): normalised embeddings, probabilities or None, targets or None."""
-    model.eval()
-    embs, probs, tgts = [], [], []
-    for batch in batches:
-        if "targets" in batch:
-            tgts.append(batch["targets"].float().cpu().numpy())
-        batch = to_device(batch, device)
-        with autocast(device, amp):
-            out = model(batch["x"], batch.get("context"))
-        embs.append(F.normalize(out["emb"].float(), dim=-1).cpu().numpy())
-        if out["logits"] is not None:
-            probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
-    emb = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
-    return (emb, np.concatenate(probs).astype(np.float32) if probs else None,
-            np.concatenate(tgts) if tgts else None)
-
-
-def predict(model: nn.Module, batches: Iterable[dict], device="cpu", amp: bool = False
-            ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(emb (n, 384) L2-normalised, probs (n, m) or None)`` in batch order, eval mode."""
-    emb, probs, _ = _forward_all(model, batches, device, amp)
-    return emb, probs
-
-
 def validate(model: nn.Module, batches: Iterable[dict], device="cpu", amp: bool = False) -> dict:
     """``{"cos": mean cosine, "cosines": per sample, "emb", "probs"}`` (eval mode; batches streamed once)."""
-    emb, probs, tgt = _forward_all(model, batches, device, amp)
+    out = forward_batches(model, batches, device, amp)
+    emb, probs, tgt = out["emb"], out["probs"], out["targets"]
     if tgt is None or len(emb) == 0:
         return {"cos": float("nan"), "cosines": np.zeros(0, np.float32), "emb": emb, "probs": probs}
     cosines = row_cosines(emb, tgt)
@@ -210,54 +184,75 @@ def validate(model: nn.Module, batches: Iterable[dict], device="cpu", amp: bool 
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
+# One checkpoint = weights (+ EMA weights) + a state file (optimizer, scheduler, scaler, epoch/step/best), under
+# fresh names ``ckpt-<token>.*``, committed by the pointer ``last.json`` written last (atomically): it names the
+# files and their sizes. A save killed at any write leaves the previous pointer and its files intact; files no
+# pointer names (and temp files of a killed write) are removed by the next save or load.
 
-def save_weights(path: str | Path, model: nn.Module) -> Path:
-    """safetensors file of the model's state dict (atomic)."""
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    """Every checkpoint file is written through here: to a temp sibling, then renamed into place."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def _weights_to(tmp: Path, module: nn.Module) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
-    return Path(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
 
 
-def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the run has no saved weights (train it first)")
-    model.load_state_dict(load_file(str(path)), strict=strict)
-    return model
+def _clean(directory: Path, keep: set[str]) -> None:
+    for p in list(directory.glob("ckpt-*")) + list(directory.glob(".ckpt-*.tmp*")) + \
+            list(directory.glob(f".{CHECKPOINT}.*.tmp*")):
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer, scheduler=None, ema: ModelEma | None = None,
                     scaler=None, **state) -> Path:
-    """``last.safetensors`` (+ ``last_ema.safetensors``) and ``last_state.pt`` (optimizer, scheduler, scaler and
-    the ``state`` kwargs such as epoch/step/best; loadable with ``weights_only=True``); ``last.json`` mirrors
-    ``state`` for humans. The state file is written last: it marks the checkpoint complete."""
+    """Write a checkpoint (see above) holding ``state`` (JSON-able, e.g. epoch/step/best); returns the pointer."""
     directory = Path(directory)
-    save_weights(directory / "last.safetensors", model)
+    directory.mkdir(parents=True, exist_ok=True)
+    tag = f"ckpt-{secrets.token_hex(6)}"
+    files = {"weights": f"{tag}.safetensors", "state": f"{tag}.state.pt"}
     if ema is not None:
-        save_weights(directory / "last_ema.safetensors", ema.module)
+        files["ema"] = f"{tag}.ema.safetensors"
     blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-            "scaler": scaler.state_dict() if scaler is not None else None, "state": state}
-    with atomic_path(directory / "last_state.pt") as tmp:
-        torch.save(blob, tmp)
-    write_json(directory / "last.json", state)
-    return directory / "last_state.pt"
+            "scaler": scaler.state_dict() if scaler is not None else None, "state": state, "tag": tag}
+    _write(directory / files["weights"], lambda tmp: _weights_to(tmp, model))
+    if ema is not None:
+        _write(directory / files["ema"], lambda tmp: _weights_to(tmp, ema.module))
+    _write(directory / files["state"], lambda tmp: torch.save(blob, tmp))
+    sizes = {k: (directory / f).stat().st_size for k, f in files.items()}
+    pointer = json.dumps({"files": files, "sizes": sizes, "state": state}, indent=2)
+    _write(directory / CHECKPOINT, lambda tmp: tmp.write_text(pointer + "\n"))
+    _clean(directory, set(files.values()))
+    return directory / CHECKPOINT
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer=None, scheduler=None,
                     ema: ModelEma | None = None, scaler=None) -> dict | None:
-    """Restore what :func:`save_checkpoint` wrote; returns its ``state`` dict, or None if there is none."""
+    """Restore what :func:`save_checkpoint` committed; returns its ``state``, or None if there is none. A pointer
+    whose files are missing or of another size raises (the checkpoint is damaged) instead of mixing epochs."""
     directory = Path(directory)
-    if not (directory / "last_state.pt").exists():
+    pointer = directory / CHECKPOINT
+    if not pointer.exists():
+        _clean(directory, set())
         return None
-    blob = torch.load(directory / "last_state.pt", map_location="cpu", weights_only=True)
-    load_weights(directory / "last.safetensors", model)
-    if ema is not None and (directory / "last_ema.safetensors").exists():
-        load_weights(directory / "last_ema.safetensors", ema.module)
+    meta = read_json(pointer)
+    files, sizes = meta.get("files", {}), meta.get("sizes", {})
+    bad = [f for k, f in files.items()
+           if not (directory / f).exists() or (directory / f).stat().st_size != sizes.get(k)]
+    if not files or bad:
+        raise RuntimeError(f"{pointer}: damaged checkpoint, or one from an older revsd (missing or changed: "
+                           f"{bad or 'no files listed'}); delete {pointer} to restart this run from scratch")
+    _clean(directory, set(files.values()))
+    blob = torch.load(directory / files["state"], map_location="cpu", weights_only=True)
+    if blob.get("tag") != files["state"][:-len(".state.pt")]:
+        raise RuntimeError(f"{pointer}: {files['state']} belongs to another checkpoint; delete {pointer} to restart")
+    load_weights(directory / files["weights"], model)
+    if ema is not None and "ema" in files:
+        load_weights(directory / files["ema"], ema.module)
     if optimizer is not None:
         optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
@@ -265,3 +260,10 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer=None, sch
     if scaler is not None and blob["scaler"] is not None:
         scaler.load_state_dict(blob["scaler"])
     return blob["state"]
+
+
+def remove_checkpoint(directory: str | Path) -> None:
+    """Delete the checkpoint (a finished run keeps only its best weights, model.safetensors)."""
+    directory = Path(directory)
+    (directory / CHECKPOINT).unlink(missing_ok=True)
+    _clean(directory, set())

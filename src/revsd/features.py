@@ -4,51 +4,24 @@ threads) and cached on disk under ``working/features/<backbone>/`` so reruns and
 Cache key per image: ``image_id | file size | mtime_ns`` (an edited file is re-extracted). Each extraction call
 adds one shard ``shard-<hash>.npz`` (keys, feats, valid, errors), written atomically; readers merge all shards.
 Unreadable images are reported (``FeatureSet.errors``), marked invalid (``valid == False``) and never dropped.
+Images are preprocessed as the backbone's spec says (``spec.preprocess``, see ``revsd.transforms``); ``meta.json``
+records it, and a cache made with other preprocessing is refused rather than mixed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from revsd import paths
-from revsd.artifacts import atomic_path, write_json
-from revsd.backbones import Backbone, create_backbone, fuse_conv_bn
-from revsd.images import ImageError, open_rgb
-
-
-# --- preprocessing (shared by features, finetuning and the Predictor) -------------------------------------------
-
-def pil_to_array(img: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bicubic) and centre-crop: uint8 (size, size, 3)."""
-    w, h = img.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if min(w, h) > 2 * size else None)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)).convert("RGB"), dtype=np.uint8)
-
-
-def load_array(path: str | Path, size: int) -> np.ndarray:
-    """Open with :func:`revsd.images.open_rgb` (raises :class:`ImageError`) and preprocess."""
-    return pil_to_array(open_rgb(path), size)
-
-
-def to_batch(arrays: list[np.ndarray] | np.ndarray, mean, std, device="cpu", channels_last: bool = True
-             ) -> torch.Tensor:
-    """uint8 HWC arrays → normalised float (B, 3, H, W) on ``device`` (``channels_last`` memory format)."""
-    x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).to(device).permute(0, 3, 1, 2).float()
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
-    x = (x - m) / s
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+from revsd.artifacts import atomic_path, read_json, write_json
+from revsd.backbones import Backbone, create_backbone, fuse_conv_bn, get_spec
+from revsd.transforms import iter_image_batches, to_batch
 
 
 # --- cache ----------------------------------------------------------------------------------------------------
@@ -61,12 +34,23 @@ class FeatureSet:
     errors: dict[str, str] = field(default_factory=dict)  # image_id -> message for invalid rows
 
 
-def cache_name(backbone: str, pretrained: bool = True, tiny: bool = False) -> str:
-    return backbone + ("-tiny" if tiny else "") + ("" if pretrained or tiny else "-random")
+def cache_name(backbone: str, pretrained: bool = True, tiny: bool = False, weights: str = "") -> str:
+    """``<backbone>[-tiny][-random][-w<hash of the local weights path>]``."""
+    local = "-w" + hashlib.sha1(str(Path(weights).resolve()).encode()).hexdigest()[:8] if weights and pretrained \
+        else ""
+    return backbone + ("-tiny" if tiny else "") + ("" if pretrained or tiny else "-random") + local
 
 
-def cache_dir(backbone: str, pretrained: bool = True, tiny: bool = False) -> Path:
-    return paths.working_dir() / "features" / cache_name(backbone, pretrained, tiny)
+def cache_dir(backbone: str, pretrained: bool = True, tiny: bool = False, weights: str = "") -> Path:
+    return paths.working_dir() / "features" / cache_name(backbone, pretrained, tiny, weights)
+
+
+def _check_preprocess(directory: Path, preprocess: dict) -> None:
+    meta = directory / "meta.json"
+    saved = read_json(meta).get("preprocess") if meta.exists() else None
+    if saved is not None and saved != preprocess:
+        raise ValueError(f"{directory} holds features made with other preprocessing ({saved}, now {preprocess}): "
+                         "delete that folder to re-extract")
 
 
 def image_key(image_id: str, path: str | Path) -> str:
@@ -97,29 +81,6 @@ def _write_shard(directory: Path, keys: list[str], feats: np.ndarray, valid: np.
     return path
 
 
-def _load_or_error(path, size):
-    try:
-        return load_array(path, size), ""
-    except ImageError as e:
-        return None, str(e)
-
-
-def iter_image_batches(path_batches, size: int, num_workers: int = 2):
-    """Yield ``(arrays, errors)`` per batch of paths; decoding/resizing runs in ``num_workers`` threads and the
-    next batch is decoded while the current one is processed. ``arrays[i]`` is None where ``errors[i]`` says why."""
-    path_batches = [list(b) for b in path_batches]
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        def submit(batch):
-            return [pool.submit(_load_or_error, p, size) for p in batch]
-
-        pending = submit(path_batches[0]) if path_batches else None
-        for i in range(len(path_batches)):
-            futures = pending
-            pending = submit(path_batches[i + 1]) if i + 1 < len(path_batches) else None
-            results = [f.result() for f in futures]
-            yield [r[0] for r in results], [r[1] for r in results]
-
-
 @torch.inference_mode()
 def compute_features(backbone: Backbone, image_paths, image_ids=None, batch_size: int = 32, num_workers: int = 2,
                      device: str = "cpu", progress: bool = True):
@@ -136,12 +97,13 @@ def compute_features(backbone: Backbone, image_paths, image_ids=None, batch_size
     bar = tqdm(total=n, desc=f"features {backbone.name}", unit="img", disable=not progress)
     starts = range(0, n, batch_size)
     path_batches = [image_paths[s:s + batch_size] for s in starts]
-    for s, (arrays, errs) in zip(starts, iter_image_batches(path_batches, backbone.image_size, num_workers)):
+    pp = backbone.preprocess
+    for s, (arrays, errs) in zip(starts, iter_image_batches(path_batches, pp, num_workers)):
         ok = [i for i, a in enumerate(arrays) if a is not None]
         for i, e in enumerate(errs):
             errors[s + i] = e
         if ok:
-            x = to_batch([arrays[i] for i in ok], spec.mean, spec.std, device)
+            x = to_batch([arrays[i] for i in ok], pp.mean, pp.std, device)
             rows = [s + i for i in ok]
             if spec.needs_context:
                 ids = [image_ids[r] if image_ids is not None else Path(image_paths[r]).stem for r in rows]
@@ -157,24 +119,29 @@ def compute_features(backbone: Backbone, image_paths, image_ids=None, batch_size
 
 
 def extract(backbone: str, image_ids, image_paths, pretrained: bool = True, tiny: bool = False,
-            batch_size: int = 32, num_workers: int = 2, device: str = "cpu", progress: bool = True) -> FeatureSet:
-    """Cached features for ``image_ids`` (in order); only images missing from the cache are computed."""
+            batch_size: int = 32, num_workers: int = 2, device: str = "cpu", progress: bool = True,
+            weights: str = "") -> FeatureSet:
+    """Cached features for ``image_ids`` (in order); only images missing from the cache are computed.
+    ``weights``: a local checkpoint file for a hub-backed backbone (see ``backbones.create_backbone``)."""
     ids = np.asarray(image_ids).astype(str)
     paths_ = [str(p) for p in image_paths]
     if len(ids) != len(paths_):
         raise ValueError(f"extract: {len(ids)} ids but {len(paths_)} paths")
-    directory = cache_dir(backbone, pretrained, tiny)
+    directory = cache_dir(backbone, pretrained, tiny, weights)
     directory.mkdir(parents=True, exist_ok=True)
+    preprocess = get_spec(backbone).preprocessing(tiny).to_dict()
+    _check_preprocess(directory, preprocess)
     keys = [image_key(i, p) for i, p in zip(ids, paths_)]
     cache = read_cache(directory)
     todo = sorted({k: j for j, k in enumerate(keys) if k not in cache}.values())
     if todo:
-        model = fuse_conv_bn(create_backbone(backbone, pretrained=pretrained, tiny=tiny).eval())
+        model = fuse_conv_bn(create_backbone(backbone, pretrained=pretrained, tiny=tiny, weights=weights).eval())
         f, v, e = compute_features(model, [paths_[j] for j in todo], [ids[j] for j in todo], batch_size,
                                    num_workers, device, progress)
         _write_shard(directory, [keys[j] for j in todo], f, v, e)
         write_json(directory / "meta.json", {"backbone": backbone, "pretrained": pretrained, "tiny": tiny,
-                                             "feature_dim": int(f.shape[1]), "image_size": model.image_size})
+                                             "feature_dim": int(f.shape[1]), "image_size": model.image_size,
+                                             "preprocess": preprocess, "weights": weights})
         for j, row in enumerate(todo):
             cache[keys[row]] = (f[j], bool(v[j]), e[j])
     feats = np.stack([cache[k][0] for k in keys]).astype(np.float32) if keys else np.zeros((0, 0), np.float32)
