@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -91,3 +92,83 @@ def test_zero_norm_rejected(data):
     sx[0] = 0
     with pytest.raises(ValueError, match="zero norm"):
         dakl.dakl_predict(tx, ty, sx, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("method", dakl.KMEANS)
+def test_every_kmeans_method_pairs_centroids_with_member_targets(data, method):
+    tx, ty, _, _ = data
+    cx, cy = dakl.centroids(np.vstack([tx] * 3), np.vstack([ty] * 3), 6, seed=0, method=method)
+    assert 1 <= len(cx) <= 6 and cx.shape[1] == 16 and cx.dtype == cy.dtype == np.float32
+    lab = np.argmax(_unit(np.vstack([tx] * 3)) @ _unit(cx).T, axis=1)
+    agree = [np.dot(cy[j], _unit(ty[lab[:40] == j].sum(0, keepdims=True))[0]) for j in range(len(cx))
+             if (lab[:40] == j).any()]
+    assert np.mean(agree) > 0.95  # each centroid carries the mean target of (nearly) its nearest members
+
+
+def test_bisecting_kmeans_is_sklearns(data):
+    from sklearn.cluster import BisectingKMeans
+
+    tx, ty, _, _ = data
+    cx, _ = dakl.centroids(tx, ty, 5, seed=3, method="bisecting")
+    ref = BisectingKMeans(n_clusters=5, random_state=3, init="k-means++").fit(_unit(tx).astype(np.float32))
+    np.testing.assert_allclose(np.sort(cx, axis=0), np.sort(ref.cluster_centers_, axis=0), atol=1e-6)
+    with pytest.raises(ValueError, match="kmeans='nope'"):
+        dakl.centroids(tx, ty, 5, method="nope")
+
+
+def test_old_results_unchanged(data):
+    """MiniBatchKMeans + full grid reproduces what the code before the memory work (commit 5af02d2) gave."""
+    rng = np.random.default_rng(7)
+    centers = rng.normal(size=(12, 32))
+    lab = rng.integers(0, 12, 400)
+    y = _unit(centers[lab] + 0.6 * rng.normal(size=(400, 32))).astype(np.float32)
+    x = _unit(y + 0.5 * rng.normal(size=(400, 32))).astype(np.float32)
+    params, grid = dakl.tune_dakl(x[:250], y[:250], x[250:330], y[250:330], gammas=(1.0, 10.0), rs=(20, 100),
+                                  alphas=(0.1, 10.0), seed=0, kmeans="minibatch")
+    np.testing.assert_allclose(grid.oof_cosine, [0.2849317, 0.2382654, 0.277337, 0.2773022, 0.3022941, 0.3190924,
+                                                 0.3081424, 0.3080876], atol=2e-6)
+    assert (params.gamma, params.r, params.alpha) == (1.0, 100, 10.0)
+    pred = dakl.dakl(x[:250], y[:250], x[330:], params, seed=0, kmeans="minibatch")
+    assert mean_cosine(pred, y[330:]) == pytest.approx(0.3207224, abs=2e-6)
+    np.testing.assert_allclose(pred[0, :3], [-0.200622, 0.061925, 0.134514], atol=2e-6)
+
+
+def test_in_place_cholesky_equals_a_direct_solve():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(300, 500))
+    g, y = f @ f.T, rng.normal(size=(300, 8))
+    got = dakl._ridge_solves(torch.tensor(g), torch.tensor(y), [0.1, 10.0, 1.0]).numpy()
+    for i, a in enumerate([0.1, 10.0, 1.0]):
+        np.testing.assert_allclose(got[:, 8 * i:8 * i + 8], np.linalg.solve(g + a * np.eye(300), y), rtol=1e-7,
+                                   atol=1e-9)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        dakl._ridge_solves(torch.tensor(g), torch.tensor(y), [0.0])
+
+
+def test_cross_fitting_never_uses_a_rows_own_target(data):
+    tx, ty, sx, sy = data
+    x, y = np.vstack([tx, sx]), np.vstack([ty, sy])
+    splits = dakl.crossfit_splits(x, y, folds=4, seed=0)
+    assert sorted(np.concatenate([s.rows for s in splits]).tolist()) == list(range(len(x)))
+    for s in splits:  # the labelled rows of a split are exactly the rows it does not predict
+        assert len(s.x) + len(s.rows) == len(x) and not set(map(bytes, s.x)) & set(map(bytes, x[s.rows]))
+    grid = dict(gammas=[10.0], rs=[30], alphas=[1.0], kmeans="minibatch")
+    _, _, pred = dakl.tune(splits, **grid)
+    i = int(splits[0].rows[0])
+    y2 = y.copy()
+    y2[i] = -y2[i]  # flip one row's target
+    _, _, pred2 = dakl.tune(dakl.crossfit_splits(x, y2, folds=4, seed=0), **grid)
+    np.testing.assert_allclose(pred2[i], pred[i], atol=1e-6)  # its own prediction does not move
+    assert np.abs(pred2 - pred).max() > 1e-3  # the rows it helps predict do
+
+
+def test_staged_search_carries_the_best_gammas(data):
+    tx, ty, sx, sy = data
+    split = [dakl.Split(tx, ty, sx, sy, np.arange(len(sx)))]
+    kw = dict(gammas=[0.01, 1.0, 10.0, 30.0], rs=[10, 40], alphas=[0.1, 1.0], kmeans="minibatch")
+    full = dakl.tune(split, search="grid", **kw)[1]
+    staged = dakl.tune(split, search="staged", keep=2, **kw)[1]
+    at10 = full[full.r == 10].groupby("gamma").oof_cosine.max()
+    assert set(staged[staged.r == 40].gamma) == set(at10.nlargest(2).index)
+    pd.testing.assert_frame_equal(staged[staged.r == 10].reset_index(drop=True),
+                                  full[full.r == 10].reset_index(drop=True))

@@ -1,15 +1,21 @@
-"""Domain-adaptive kernel learning (DAKL, paper Eq. 5-7), vectorised and chunked.
+"""Domain-adaptive kernel learning (DAKL, paper Eq. 5-7), vectorised, chunked and cross-fitted.
 
-Z = r k-means centroids of the training embeddings (each paired with the normalised mean target of its
-members) ∪ p unlabeled target-domain embeddings. With K = Z Zᵀ, K̂_ij = K_ij / √(K_ii K_jj) and
-K_DA = exp(−γ (1 − K̂)), the rows of K_DA are the new features φ(z) ∈ R^{r+p}. A dual ridge regression on the
-linear kernel of those features, G = Φ Φᵀ, is fitted on the r training rows, A = (G_tt + α I)⁻¹ Y, and the
-target rows are predicted as G_st A, then L2-normalised.
+Z = r k-means centroids of the labelled embeddings (each paired with the normalised mean target of its members)
+∪ p unlabelled target-domain embeddings. With K = Z Zᵀ, K̂_ij = K_ij / √(K_ii K_jj) and K_DA = exp(−γ (1 − K̂)),
+the rows of K_DA are the new features φ(z) ∈ R^{r+p}. A dual ridge regression on the linear kernel of those
+features, G = Φ Φᵀ, is fitted on the r labelled rows, A = (G_tt + α I)⁻¹ Y, and the target rows are predicted as
+G_st A, then L2-normalised.
 
-Memory stays bounded: K_DA is never materialised. Its column blocks are computed on the fly, G_tt is
-accumulated block-wise (r × r), W = Φ_tᵀ A is built block by block, and predictions are Φ_s W over row blocks,
-so the peak is about 2·r² float64 (G_tt and the solver's copy) + O(chunk·(r + p) + (r + p)·d), never
-(r + p)². Runs on the GPU when there is one.
+Memory stays bounded: K_DA is never materialised. Its column blocks are computed on the fly, G_tt is accumulated
+block-wise (r × r float64), solved by Cholesky in place on the CPU (one r × r matrix for every α), W = Φ_tᵀ A is
+built block by block and predictions are Φ_s W over row blocks: peak ≈ r² float64 + O(chunk·(r + p) + (r + p)·d).
+Runs on the GPU when there is one. Centroids come from sklearn's BisectingKMeans (the paper's), faiss k-means or
+sklearn's MiniBatchKMeans, computed once per r and labelled set.
+
+:func:`tune` searches (γ, r, α) over one or more "splits" (labelled rows → target rows with known targets): the
+paper's way is one split, training rows → OOF rows; cross-fitting is K splits of the OOF rows, so no row's own
+target is ever used to predict it. ``search="staged"`` evaluates every γ at the smallest r and carries the best
+``keep`` γ to each larger r (the large-r fits dominate the cost); ``"grid"`` evaluates every point.
 
 (The paper's released code applied the RBF step per row inside a loop, so its kernel was all ones and the
 regressor predicted a constant; :func:`kernel_features` and the tests guard against that.)
@@ -27,12 +33,14 @@ from tqdm.auto import tqdm
 
 from revsd.metrics import mean_cosine
 
+KMEANS = ("bisecting", "faiss", "minibatch")
+
 
 @dataclasses.dataclass(frozen=True)
 class DaklParams:
-    gamma: float = 10.0  # RBF width on the cosine distance, K_DA = exp(-gamma (1 - K_hat))
-    r: int = 2000  # number of k-means centroids standing in for the training samples
-    alpha: float = 1.0  # L2 (ridge) strength of the dual regression
+    gamma: float = 0.01  # RBF width on the cosine distance, K_DA = exp(-gamma (1 - K_hat)); the paper's 0.01
+    r: int = 10000  # number of k-means centroids standing in for the labelled samples; the paper's 10,000
+    alpha: float = 10.0  # L2 (ridge) strength of the dual regression; the paper's 10
 
 
 def _device(device: str | None) -> torch.device:
@@ -59,10 +67,33 @@ def kernel_features(z: np.ndarray, gamma: float) -> np.ndarray:
     return torch.exp(-gamma * (1.0 - zt @ zt.T)).numpy()
 
 
-def centroids(x: np.ndarray, y: np.ndarray, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _labels(xn: np.ndarray, r: int, seed: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(centres (r, d), member label per row) of the unit rows ``xn`` by ``method`` (see :data:`KMEANS`)."""
+    if method == "bisecting":
+        from sklearn.cluster import BisectingKMeans
+
+        km = BisectingKMeans(n_clusters=r, random_state=seed, init="k-means++").fit(xn)
+        return km.cluster_centers_, km.labels_
+    if method == "faiss":
+        import faiss
+
+        km = faiss.Kmeans(xn.shape[1], r, niter=20, seed=seed, max_points_per_centroid=256, verbose=False)
+        km.train(xn)
+        return km.centroids, km.index.search(xn, 1)[1][:, 0]
+    if method == "minibatch":
+        from sklearn.cluster import MiniBatchKMeans
+
+        km = MiniBatchKMeans(n_clusters=r, random_state=seed, n_init=3, batch_size=max(1024, 4 * r))
+        lab = km.fit_predict(xn)
+        return km.cluster_centers_, lab
+    raise ValueError(f"DAKL: kmeans={method!r}: expected one of {', '.join(KMEANS)}")
+
+
+def centroids(x: np.ndarray, y: np.ndarray, r: int, seed: int = 0,
+              method: str = "bisecting") -> tuple[np.ndarray, np.ndarray]:
     """r k-means centroids of the (normalised) embeddings x, each with the normalised mean target of its members.
 
-    With r ≥ len(x) the samples themselves are returned. Empty clusters are dropped.
+    With r ≥ len(x) the samples themselves are returned. Empty clusters are dropped. float32 throughout.
     """
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.float32)
@@ -70,17 +101,56 @@ def centroids(x: np.ndarray, y: np.ndarray, r: int, seed: int = 0) -> tuple[np.n
         raise ValueError(f"DAKL: {len(x)} training embeddings but {len(y)} targets")
     if r >= len(x):
         return x, y
-    from sklearn.cluster import MiniBatchKMeans
-
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    km = MiniBatchKMeans(n_clusters=r, random_state=seed, n_init=3, batch_size=max(1024, 4 * r))
-    lab = km.fit_predict(xn)
-    counts = np.bincount(lab, minlength=r)
+    centres, lab = _labels(x / np.linalg.norm(x, axis=1, keepdims=True), r, seed, method)
+    lab = torch.as_tensor(np.asarray(lab, dtype=np.int64))
+    counts = torch.bincount(lab, minlength=r).numpy()
+    sums = torch.zeros(r, y.shape[1], dtype=torch.float64)
+    for s in range(0, len(y), 65536):  # float64 sums of float32 rows, 64k rows at a time
+        sums.index_add_(0, lab[s:s + 65536], torch.from_numpy(y[s:s + 65536]).to(torch.float64))
     keep = counts > 0
-    sums = np.zeros((r, y.shape[1]), dtype=np.float64)
-    np.add.at(sums, lab, y)
-    cy = sums[keep] / np.linalg.norm(sums[keep], axis=1, keepdims=True)
-    return km.cluster_centers_[keep].astype(np.float32), cy.astype(np.float32)
+    cy = sums.numpy()[keep]
+    cy /= np.linalg.norm(cy, axis=1, keepdims=True)
+    return np.asarray(centres, dtype=np.float32)[keep], cy.astype(np.float32)
+
+
+def _ridge_solves(g: torch.Tensor, y: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
+    """``[(G + αI)⁻¹ Y for α in alphas]`` side by side, G symmetric positive semi-definite (r × r float64).
+
+    On the CPU the Cholesky factor overwrites G's upper triangle in place (no second r × r matrix); the lower
+    triangle and the saved diagonal restore G for the next α. On a GPU, torch's Cholesky (memory is plentiful).
+    """
+    if min(alphas) <= 0:
+        raise ValueError(f"DAKL: alpha must be > 0, got {list(alphas)}")
+    out = []
+    if g.device.type != "cpu":
+        for al in alphas:
+            g.diagonal().add_(al)
+            out.append(torch.cholesky_solve(y, torch.linalg.cholesky(g)))
+            g.diagonal().sub_(al)
+        return torch.cat(out, dim=1)
+    from scipy.linalg import cho_factor, cho_solve
+
+    a = g.numpy()  # shares memory; a.T is Fortran-ordered and, G being symmetric, equal to G
+    diag = a.diagonal().copy()
+    yn = y.numpy()
+    for i, al in enumerate(alphas):
+        if i:
+            _upper_from_lower(a)
+        np.fill_diagonal(a, diag + al)
+        factor = cho_factor(a.T, lower=True, overwrite_a=True, check_finite=False)  # writes a's upper triangle
+        out.append(torch.from_numpy(cho_solve(factor, yn, check_finite=False)))
+    return torch.cat(out, dim=1)
+
+
+def _upper_from_lower(a: np.ndarray, block: int = 1024) -> None:
+    """Mirror the strict lower triangle of the square ``a`` onto its upper triangle, block by block."""
+    n = len(a)
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        a[s:e, e:] = a[e:, s:e].T
+        d = a[s:e, s:e]
+        iu = np.triu_indices(e - s, 1)
+        d[iu] = d.T[iu]
 
 
 def dakl_predict(train_x: np.ndarray, train_y: np.ndarray, target_x: np.ndarray, gamma: float,
@@ -115,14 +185,8 @@ def dakl_predict(train_x: np.ndarray, train_y: np.ndarray, target_x: np.ndarray,
     for ti, tj in pairs:
         if ti != tj:  # diagonal tiles are complete already
             g[tj, ti] = g[ti, tj].T
-    solutions = []
-    for al in alphas:  # ridge on the diagonal in place: no r × r identity or copy of G besides the solver's
-        g.diagonal().add_(al)
-        solutions.append(torch.linalg.solve(g, y))
-        g.diagonal().sub_(al)
+    a = _ridge_solves(g, y, alphas).to(dtype)  # (r, d·len(alphas))
     del g
-    a = torch.cat(solutions, dim=1)  # (r, d·len(alphas))
-    a = a.to(dtype)
     w = torch.empty(n, a.shape[1], dtype=dtype, device=dev)  # W = Φ_tᵀ A
     for c in blocks:
         w[c] = phi(zt, c).T @ a
@@ -139,30 +203,92 @@ def dakl_predict(train_x: np.ndarray, train_y: np.ndarray, target_x: np.ndarray,
 
 
 def dakl(train_x: np.ndarray, train_y: np.ndarray, target_x: np.ndarray, params: DaklParams, seed: int = 0,
-         **kw) -> np.ndarray:
-    """Centroids of the training domain, then :func:`dakl_predict` on the target domain."""
-    cx, cy = centroids(train_x, train_y, params.r, seed)
+         kmeans: str = "bisecting", cache: dict | None = None, **kw) -> np.ndarray:
+    """Centroids of the labelled domain (from ``cache[r]`` when given), then :func:`dakl_predict` on the target."""
+    cx, cy = _cached(cache, params.r, lambda: centroids(train_x, train_y, params.r, seed, kmeans))
     return dakl_predict(cx, cy, target_x, params.gamma, params.alpha, **kw)
 
 
-def tune_dakl(train_x: np.ndarray, train_y: np.ndarray, oof_x: np.ndarray, oof_y: np.ndarray,
-              gammas: Sequence[float] = (1.0, 3.0, 10.0, 30.0), rs: Sequence[int] = (64, 256, 1024),
-              alphas: Sequence[float] = (0.1, 1.0, 10.0), seed: int = 0, **kw) -> tuple[DaklParams, pd.DataFrame]:
-    """Grid search on OOF rows used as the target domain (their targets known): best (γ, r, α) and the grid.
+def _cached(cache: dict | None, key, make):
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
-    r values above the number of training rows collapse to it (the samples themselves). Ties go to the first.
+
+@dataclasses.dataclass
+class Split:
+    """Labelled rows (x, y) → target rows ``x_t`` whose targets ``y_t`` score the fit; ``rows`` places the target
+    rows in the scored set (for cross-fitted predictions)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_t: np.ndarray
+    y_t: np.ndarray
+    rows: np.ndarray
+
+
+def crossfit_splits(x: np.ndarray, y: np.ndarray, folds: int, seed: int = 0) -> list[Split]:
+    """K splits of one labelled set: fold k is predicted from the other folds only (a seeded random partition)."""
+    n = len(x)
+    if not 2 <= folds <= n:
+        raise ValueError(f"DAKL cross-fitting: folds={folds} needs 2 ≤ folds ≤ {n} (the OOF rows)")
+    fold = np.random.default_rng(seed).permutation(n) % folds
+    return [Split(x[fold != k], y[fold != k], x[fold == k], y[fold == k], np.flatnonzero(fold == k))
+            for k in range(folds)]
+
+
+def tune(splits: Sequence[Split], gammas: Sequence[float], rs: Sequence[int], alphas: Sequence[float], *,
+         seed: int = 0, kmeans: str = "bisecting", search: str = "grid", keep: int = 2, caches=None,
+         **kw) -> tuple[DaklParams, pd.DataFrame, np.ndarray]:
+    """Search (γ, r, α) by the mean cosine over every split's target rows; returns the best parameters, the grid
+    evaluated (one row per point) and the best point's predictions for the scored rows (in ``rows`` order).
+
+    r values above the smallest labelled set collapse to it. Centroids are computed once per (split, r) and kept
+    in ``caches[i]`` (a dict per split) for later fits. Ties go to the first point evaluated.
     """
-    rows = []
-    rs = sorted({min(int(r), len(train_x)) for r in rs})
-    for r in rs:
-        cx, cy = centroids(train_x, train_y, r, seed)
-        for gamma in gammas:
-            preds = dakl_predict(cx, cy, oof_x, gamma, list(alphas), **kw)
-            rows += [dict(gamma=float(gamma), r=r, alpha=float(a), oof_cosine=mean_cosine(p, oof_y))
-                     for a, p in zip(alphas, preds)]
+    if search not in ("grid", "staged"):
+        raise ValueError(f"DAKL: search={search!r}: expected grid or staged")
+    caches = caches if caches is not None else [{} for _ in splits]
+    n_lab = min(len(s.x) for s in splits)
+    total = sum(len(s.rows) for s in splits)
+    d = splits[0].y.shape[1]
+    rows, best, best_pred = [], -np.inf, None
+    y_all = np.empty((total, d), dtype=np.float32)
+    for s in splits:
+        y_all[s.rows] = s.y_t
+    candidates = list(dict.fromkeys(float(g) for g in gammas))
+    for r in sorted({min(int(r), n_lab) for r in rs}):
+        cents = [_cached(c, r, lambda s=s, r=r: centroids(s.x, s.y, r, seed, kmeans))
+                 for s, c in zip(splits, caches)]
+        at_r = {}
+        for gamma in candidates:
+            preds = np.empty((len(alphas), total, d), dtype=np.float32)
+            for s, (cx, cy) in zip(splits, cents):
+                preds[:, s.rows] = np.stack(dakl_predict(cx, cy, s.x_t, gamma, list(alphas), **kw))
+            for a, p in zip(alphas, preds):
+                score = mean_cosine(p, y_all)
+                rows.append(dict(gamma=gamma, r=r, alpha=float(a), oof_cosine=score))
+                at_r[gamma] = max(at_r.get(gamma, -np.inf), score)
+                if score > best:
+                    best, best_pred = score, p.copy()
+        if search == "staged":
+            candidates = sorted(at_r, key=lambda g: -at_r[g])[:keep]
+            candidates = [g for g in at_r if g in candidates]  # keep the grid's order
     grid = pd.DataFrame(rows)
-    best = grid.loc[grid["oof_cosine"].idxmax()]
-    return DaklParams(float(best.gamma), int(best.r), float(best.alpha)), grid
+    top = grid.loc[grid["oof_cosine"].idxmax()]
+    return DaklParams(float(top.gamma), int(top.r), float(top.alpha)), grid, best_pred
 
 
-__all__ = ["DaklParams", "kernel_features", "centroids", "dakl_predict", "dakl", "tune_dakl"]
+def tune_dakl(train_x: np.ndarray, train_y: np.ndarray, oof_x: np.ndarray, oof_y: np.ndarray,
+              gammas: Sequence[float] = (0.01, 1.0, 10.0), rs: Sequence[int] = (256, 1024, 10000),
+              alphas: Sequence[float] = (0.1, 1.0, 10.0), seed: int = 0, **kw) -> tuple[DaklParams, pd.DataFrame]:
+    """The paper's setting: training rows labelled, OOF rows as the target domain; best (γ, r, α) and the grid."""
+    rows = np.arange(len(oof_x))
+    params, grid, _ = tune([Split(train_x, train_y, oof_x, oof_y, rows)], gammas, rs, alphas, seed=seed, **kw)
+    return params, grid
+
+
+__all__ = ["DaklParams", "KMEANS", "Split", "kernel_features", "centroids", "dakl_predict", "dakl",
+           "crossfit_splits", "tune", "tune_dakl"]

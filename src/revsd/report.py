@@ -2,7 +2,9 @@
 ``working/06_dakl_ensemble/<exp>/report.md`` with PNG plots beside the latter.
 
 Per-run rows come from each finished run's ``metrics.json``; the blend / DAKL / constant-mean rows from stage
-06's ``ensemble.json`` (when 06 has run). Variants that were not run are absent; nothing is filled in.
+06's ``ensemble.json`` (when 06 has run). Variants that were not run are absent; nothing is filled in. The
+paper's Tables 1-3 follow in the paper's layout, the paper's numbers (:mod:`revsd.paper_numbers`) beside ours;
+ours are blank where a row was not run.
 """
 
 from __future__ import annotations
@@ -13,19 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from revsd import paper_numbers as paper
 from revsd import paths
 from revsd.artifacts import atomic_path, read_json, write_text
 from revsd.runs import discover_runs
+from revsd.variants import HEAD_CONFIGS, PLAIN, VARIANT_LABELS, variant_label
 
 STAGE = "06_dakl_ensemble"
-VARIANT_LABELS = {
-    "plain": "plain (embedding head only)",
-    "vocab": "+ vocabulary head (cfg 1, parallel)",
-    "cfg2": "+ vocabulary head, cfg 2 (class probs → embedding head)",
-    "cfg3": "+ vocabulary head, cfg 3 (classes read from the embedding)",
-    "curriculum_equal": "+ curriculum (equal chunks)",
-    "curriculum_thresholds": "+ curriculum (cosine thresholds)",
-}
+_FIT = {"oof": "cross-fitted on the OOF rows: each fold predicted from the others, then all OOF rows → test",
+        "train": "the training rows' in-sample predictions, as in the paper"}
 COLUMNS = ["model", "run", "val / OOF cosine", "test cosine", "Δ test vs constant"]
 
 
@@ -40,7 +38,7 @@ def results_table(runs, ensemble: dict | None) -> pd.DataFrame:
     """Table-1-style rows: each backbone × variant present, then the blends, DAKL and the constant mean."""
     order = {v: i for i, v in enumerate(VARIANT_LABELS)}
     runs = sorted(runs, key=lambda r: (r.backbone, order.get(r.variant, len(order)), r.name))
-    rows = [(f"{r.backbone} {VARIANT_LABELS.get(r.variant, r.variant)}", f"{r.stage}/{r.name}",
+    rows = [(f"{r.backbone} {variant_label(r.variant)}", f"{r.stage}/{r.name}",
              _num(r.metrics.get("val_cosine")), _num(r.metrics.get("test_cosine"))) for r in runs]
     if ensemble:
         sc, p, n = ensemble["scores"], ensemble["dakl"], len(ensemble["runs"])
@@ -70,6 +68,110 @@ def to_markdown(df: pd.DataFrame, digits: int = 4) -> str:
     lines += ["| " + " | ".join(cell(v, c) for v, c in zip(row, df.columns)) + " |"
               for row in df.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def run_keys(run) -> dict:
+    """How a run maps onto the paper's rows: vocabulary head or not, the paper's head configuration, curriculum."""
+    m = run.metrics
+    cfg_path = run.path / "config.json"
+    cfg = read_json(cfg_path) if ("vocab_head" not in m or "head_config" not in m) and cfg_path.exists() else {}
+    vocab = m.get("vocab_head", cfg.get("vocab_head"))
+    if vocab is None:  # runs from before `vocab_head` was recorded
+        vocab = run.variant != PLAIN and _num(m.get("lam", m.get("lambda", 1.0))) != 0
+    head = HEAD_CONFIGS.get(str(m.get("head_config", cfg.get("head_config", ""))))
+    return {"vocab": bool(vocab), "paper_cfg": head.paper if (vocab and head) else 0,
+            "curriculum": run.stage == "05_curriculum"}
+
+
+def _best(runs, **want):
+    """The run with the best validation cosine among those whose :func:`run_keys` match ``want``."""
+    hits = [r for r in runs if all(run_keys(r)[k] == v for k, v in want.items())]
+    return max(hits, key=lambda r: r.val_cosine) if hits else None
+
+
+def _ours(run) -> tuple:
+    if run is None:
+        return "", "", ""
+    return _num(run.metrics.get("test_cosine")), _num(run.metrics.get("val_cosine")), f"{run.stage}/{run.name}"
+
+
+def paper_table1(runs, ensemble: dict | None) -> pd.DataFrame:
+    """Table 1: per backbone vanilla / + vocabulary head / + curriculum, then the joint rows; paper beside ours."""
+    want = {"vanilla": dict(vocab=False, curriculum=False), "vocab": dict(vocab=True, curriculum=False),
+            "vocab_curriculum": dict(vocab=True, curriculum=True)}
+    others = sorted({r.backbone for r in runs} - set(paper.BACKBONES))
+    rows = []
+    for b in [*paper.BACKBONES, *others]:
+        mine = [r for r in runs if r.backbone == b]
+        name = paper.BACKBONES.get(b, f"{b} (not in the paper)")
+        for key, label in paper.TABLE1_ROWS.items():
+            rows.append((name, label, paper.cell(paper.TABLE1.get((b, key))), *_ours(_best(mine, **want[key]))))
+    for key, label in paper.JOINT_ROWS.items():
+        sc = (ensemble or {}).get("scores", {}).get(key)
+        ours = (sc["test"], sc["oof"], "06_dakl_ensemble") if sc else ("", "", "")
+        rows.append(("all backbones", label, paper.cell(paper.TABLE1[("joint", key)]), *ours))
+    return pd.DataFrame(rows, columns=["backbone", "model", "paper: test", "ours: test", "ours: val / OOF", "run"])
+
+
+def paper_table2(runs) -> pd.DataFrame:
+    """Table 2: Swin-L without a vocabulary head, then with head configurations 1, 2, 3."""
+    swin = [r for r in runs if r.backbone == "swin_l"]
+    labels = {0: "baseline (no vocabulary head)", **{h.paper: f"configuration {h.paper} ({h.name})"
+                                                     for h in HEAD_CONFIGS.values() if h.paper}}
+    rows = []
+    for n, label in sorted(labels.items()):
+        run = _best(swin, vocab=False, curriculum=False) if n == 0 else _best(swin, paper_cfg=n, curriculum=False)
+        rows.append(("Swin-L", label, paper.cell(paper.TABLE2.get(n)), *_ours(run)))
+    return pd.DataFrame(rows, columns=["backbone", "model", "paper: test", "ours: test", "ours: val / OOF", "run"])
+
+
+def find_tally() -> Path | None:
+    """The newest ``tally.csv`` written by ``revsd study tally`` one or two folders below working/."""
+    w = paths.working_dir()
+    found = [*w.glob("*/tally.csv"), *w.glob("*/*/tally.csv")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def paper_table3(tally: Path | None) -> pd.DataFrame:
+    """Table 3: votes per annotator, all-agree and average, ours (from ``tally.csv``) and the paper's."""
+    ours = pd.read_csv(tally, index_col=0) if tally else pd.DataFrame(columns=paper.TABLE3_ANSWERS)
+    names = [*ours.index.astype(str)] or list(paper.TABLE3)
+    rows = []
+    for name in names:
+        theirs = paper.TABLE3.get(name, {})
+        row = [name]
+        for a in paper.TABLE3_ANSWERS:
+            row += [paper.cell(theirs.get(a), 2), f"{ours.loc[name, a]:g}" if name in ours.index else ""]
+        rows.append(row)
+    cols = ["annotator"] + [f"{who}: {a}" for a in paper.TABLE3_ANSWERS for who in ("paper", "ours")]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def paper_tables_md(runs, ensemble: dict | None) -> list[str]:
+    """The three tables as Markdown lines, with how rows were matched and where the numbers come from."""
+    tally = find_tally()
+    return ["## The paper's tables, ours beside the paper's", "",
+            f"Paper numbers: {paper.SOURCE} (`revsd.paper_numbers`; n/a = not transcribed). Ours: mean test "
+            "cosine of the best-validation run matching the row (backbone, vocabulary head or not, head "
+            "configuration, curriculum); blank where no such run finished.", "",
+            "### Table 1: backbones, vocabulary head, curriculum, ensembles", "",
+            to_markdown(paper_table1(runs, ensemble)), "",
+            "### Table 2: vocabulary-head configurations on Swin-L", "", to_markdown(paper_table2(runs)), "",
+            "### Table 3: human study (votes)", "",
+            f"Ours from `{tally.relative_to(paths.working_dir()).as_posix()}`." if tally else
+            "No `tally.csv` under working/ yet: `revsd study tally --db <study.sqlite>` writes it.", "",
+            to_markdown(paper_table3(tally)), ""]
+
+
+def partial_md(ens: dict | None) -> list[str]:
+    """A loud note when 06 blended on fewer ids than expected (``allow_partial``)."""
+    notes = [f"{p['kept']} of the {p['expected']} {split} ids (lacking: " +
+             ", ".join(f"{k} {v}" for k, v in p["lacking"].items()) + ")"
+             for split, p in ((ens or {}).get("partial") or {}).items()]
+    if not notes:
+        return []
+    return [f"> **Warning — partial predictions (allow_partial: true):** the blend and scores use only "
+            f"{'; '.join(notes)}.", ""]
 
 
 def _save_fig(fig, path: Path) -> Path:
@@ -140,21 +242,23 @@ def build_report(exp: str) -> Path:
     md = [f"# revsd report — exp `{exp}`", "",
           "Mean cosine between predicted and true all-MiniLM-L6-v2 prompt embeddings, measured in this run: "
           "`val / OOF` on each run's validation rows, `test` on the held-out `split == \"test\"` rows.", "",
-          to_markdown(table), ""]
+          *partial_md(ens), to_markdown(table), ""]
     if not runs:
         md += ["No finished run found under `working/{03_train,05_curriculum}/" + exp + "/*/DONE`.", ""]
     if ens:
         md += ["## Blend weights (fitted on OOF)", "",
                to_markdown(pd.DataFrame({"run": ens["runs"], "weight": ens["weights"]})), "",
-               "## DAKL (tuned on OOF as the target domain)", "",
+               "## DAKL (domain-adaptive kernel learning, tuned on OOF)", "",
                f"Chosen: γ = {ens['dakl']['gamma']:g}, r = {ens['dakl']['r']}, α = {ens['dakl']['alpha']:g}; "
-               f"final output: **{ens['final']}**; rows (train / OOF / test): "
-               f"{ens['n']['train']} / {ens['n']['oof']} / {ens['n']['test']}.", ""]
+               f"final output: **{ens['final']}**; labelled rows: {ens['n'].get('labelled', ens['n'].get('train'))}"
+               f" ({_FIT.get(ens.get('dakl_fit', 'train'))}, centroids: {ens.get('dakl_kmeans', 'minibatch')}); "
+               f"OOF / test rows: {ens['n']['oof']} / {ens['n']['test']}.", ""]
         grid_path = out / "dakl_grid.parquet"
         if grid_path.exists():
             grid = pd.read_parquet(grid_path).sort_values("oof_cosine", ascending=False).head(8)
             grid[["gamma", "alpha"]] = grid[["gamma", "alpha"]].map(lambda v: f"{v:g}")
             md += ["Best grid points:", "", to_markdown(grid.reset_index(drop=True)), ""]
+    md += paper_tables_md(runs, ens)
     plots = {"learning curves (per run, from summary.csv)": plot_learning_curves(runs, out / "learning_curves.png")}
     cos_path = out / "test_cosines.parquet"
     if cos_path.exists():
