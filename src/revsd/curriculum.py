@@ -225,10 +225,20 @@ def assign_chunks(ids, scores: pd.Series, invalid=(), heuristic: str = "equal", 
     return table
 
 
-def run(cfg: CurriculumConfig) -> Path:
-    """Train from scratch on the curriculum; returns the run directory (same artifacts as a 03_train run)."""
+def check(cfg: CurriculumConfig) -> None:
+    """Settings that can never work (the runner calls this before anything runs)."""
+    train.check(cfg)
+    parse_schedule(cfg.stage_starts)
     if cfg.heuristic not in HEURISTICS:
         raise ConfigError(f"heuristic must be one of {HEURISTICS}, got {cfg.heuristic!r}")
+    if not (0 < cfg.easy_share <= 1 and 0 <= cfg.hard_share < 1 and cfg.easy_share + cfg.hard_share <= 1):
+        raise ConfigError(f"easy_share={cfg.easy_share}, hard_share={cfg.hard_share}: need 0 < easy_share <= 1, "
+                          "0 <= hard_share < 1 and a sum <= 1")
+
+
+def run(cfg: CurriculumConfig) -> Path:
+    """Train from scratch on the curriculum; returns the run directory (same artifacts as a 03_train run)."""
+    check(cfg)
     cfg = cfg.replace(difficulty_run=resolve_difficulty_run(cfg))
     tcfg = cfg.train_config()
     ts = targets.load(cfg.exp)

@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from revsd import paths
 from revsd.artifacts import read_json, save_parquet, write_json
 from revsd.images import IMAGE_EXTENSIONS, list_images
 

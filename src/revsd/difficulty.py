@@ -32,6 +32,9 @@ class DifficultyConfig(train.TrainConfig):
         return train.as_train_config(self)
 
 
+check = train.check  # 04's settings are 03's (the runner calls it before anything runs)
+
+
 def difficulty_table(sample_cosines: pd.DataFrame) -> pd.DataFrame:
     """(image_id, epoch, cosine) rows -> one row per image: difficulty (mean over epochs) + cos_epoch_<e>."""
     missing = {"image_id", "epoch", "cosine"} - set(sample_cosines.columns)

@@ -107,7 +107,8 @@ def compute_features(backbone: Backbone, image_paths, image_ids=None, batch_size
             rows = [s + i for i in ok]
             if spec.needs_context:
                 ids = [image_ids[r] if image_ids is not None else Path(image_paths[r]).stem for r in rows]
-                ctx = spec.context_fn(ids, [image_paths[r] for r in rows], tiny=backbone.tiny, device=device)
+                ctx = spec.context_fn(ids, [image_paths[r] for r in rows], tiny=backbone.tiny, device=device,
+                                      weights=backbone.weights)
                 out = backbone(x, ctx)
             else:
                 out = backbone(x)

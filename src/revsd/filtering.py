@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from revsd import paths
 from revsd.artifacts import save_csv, save_parquet
-from revsd.config import StageConfig
+from revsd.config import ConfigError, StageConfig
 from revsd.data import DataError, load_dataset
 from revsd.images import ImageError, open_rgb
 
@@ -340,8 +340,18 @@ def apply_rules(df: pd.DataFrame, cfg: FilterConfig) -> tuple[pd.DataFrame, pd.D
     return df, report.table(), bad
 
 
+def check(cfg: FilterConfig) -> None:
+    """Settings that can never work (the runner calls this before anything runs)."""
+    if not (0 <= cfg.val_size < 1 and 0 <= cfg.test_size < 1 and cfg.val_size + cfg.test_size < 1):
+        raise ConfigError(f"val_size={cfg.val_size} and test_size={cfg.test_size} must be fractions in [0, 1) "
+                          "summing below 1")
+    if cfg.n_folds < 1 or cfg.limit < 0:
+        raise ConfigError(f"n_folds={cfg.n_folds} must be >= 1 and limit={cfg.limit} >= 0")
+
+
 def run(cfg: FilterConfig) -> pd.DataFrame:
     """Load ``cfg.source``, apply the rules, split, and write filtered.parquet + reports; returns the table."""
+    check(cfg)
     root = resolve_source(cfg.source)
     df = load_dataset(root, cfg.fmt)
     skipped = pd.DataFrame(df.attrs.pop("skipped", []), columns=["path", "reason"])  # pop: attrs travel with df

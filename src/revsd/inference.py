@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable
@@ -209,9 +210,11 @@ class Predictor:
                 h = hashlib.sha1(im.tobytes()).hexdigest()[:16]
                 f = Path(tmp) / f"{h}.png"
                 im.save(f)
+                os.utime(f, ns=(0, 0))  # the caption/latent caches key on size + mtime: stable for the same pixels
                 ids.append(f"predict-{h}")
                 files.append(str(f))
-            return self._backbone_spec.context_fn(ids, files, tiny=self.spec.tiny, device=self.device)
+            return self._backbone_spec.context_fn(ids, files, tiny=self.spec.tiny, device=self.device,
+                                                  weights=self.spec.weights)
 
 
 def load_predictor(run_dir: str | Path, device: str = "") -> Predictor:

@@ -77,7 +77,8 @@ class Inputs:
             x = to_batch([arrays[i] for i in keep], pp.mean, pp.std, self.device)
             ctx = None
             if self.spec.needs_context:
-                ctx = self.spec.context_fn(self.ids[rows], self.paths[rows], tiny=self.cfg.tiny, device=self.device)
+                ctx = self.spec.context_fn(self.ids[rows], self.paths[rows], tiny=self.cfg.tiny, device=self.device,
+                                          weights=self.cfg.weights)
             yield self._dict(rows, x, ctx)
 
     def chunks(self, rows: np.ndarray, size: int = 256):

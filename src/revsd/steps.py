@@ -117,33 +117,8 @@ def typed(cls, key: str, value):
 
 
 def check_config(notebook: str, cfg) -> None:
-    """The stage's own ``check(cfg)`` when its module has one (03: train.check, 06: blend.check); else the
-    training checks (04/05 configs extend TrainConfig) and the range checks below, which belong in the stage
-    modules (filtering, targets, curriculum) as their ``check``. Raises ConfigError/ValueError."""
-    own = getattr(importlib.import_module(STAGE_CONFIGS[notebook].split(":")[0]), "check", None)
-    if callable(own):
-        return own(cfg)
-    from revsd import train
-
-    if isinstance(cfg, train.TrainConfig):
-        train.check(cfg)
-    if notebook == "01_filter":
-        if not (0 <= cfg.val_size < 1 and 0 <= cfg.test_size < 1 and cfg.val_size + cfg.test_size < 1):
-            raise ConfigError(f"val_size={cfg.val_size} and test_size={cfg.test_size} must be fractions in [0, 1) "
-                              "summing below 1")
-        if cfg.n_folds < 1 or cfg.limit < 0:
-            raise ConfigError(f"n_folds={cfg.n_folds} must be >= 1 and limit={cfg.limit} >= 0")
-    elif notebook == "02_targets" and (cfg.vocab_size < 1 or cfg.batch_size < 1):
-        raise ConfigError(f"vocab_size={cfg.vocab_size} and batch_size={cfg.batch_size} must be >= 1")
-    elif notebook == "05_curriculum":
-        from revsd import curriculum
-
-        curriculum.parse_schedule(cfg.stage_starts)
-        if cfg.heuristic not in curriculum.HEURISTICS:
-            raise ConfigError(f"heuristic must be one of {curriculum.HEURISTICS}, got {cfg.heuristic!r}")
-        if not (0 < cfg.easy_share <= 1 and 0 <= cfg.hard_share < 1 and cfg.easy_share + cfg.hard_share <= 1):
-            raise ConfigError(f"easy_share={cfg.easy_share}, hard_share={cfg.hard_share}: need 0 < easy_share <= 1, "
-                              "0 <= hard_share < 1 and a sum <= 1")
+    """The stage's own ``check(cfg)`` (every stage module has one). Raises ConfigError/ValueError."""
+    importlib.import_module(STAGE_CONFIGS[notebook].split(":")[0]).check(cfg)
 
 
 def resolve(step: Step) -> dict:

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from revsd import paths, vocab
 from revsd.artifacts import atomic_path, read_json, save_npy, write_json
-from revsd.config import StageConfig
+from revsd.config import ConfigError, StageConfig
 from revsd.device import resolve_device
 from revsd.textenc import DEFAULT_MODEL, EMB_DIM, encode_prompts  # noqa: F401  (targets.EMB_DIM is public)
 
@@ -99,8 +99,17 @@ def _cached_targets(out: Path, ids: np.ndarray, model: str) -> np.ndarray | None
     return emb
 
 
+def check(cfg: TargetsConfig) -> None:
+    """Settings that can never work (the runner calls this before anything runs)."""
+    if cfg.vocab_size < 1 or cfg.batch_size < 0 or cfg.vocab_min_count < 1:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} and vocab_min_count={cfg.vocab_min_count} must be >= 1, "
+                          f"batch_size={cfg.batch_size} >= 0 (0 = auto)")
+    vocab.parse_pos(cfg.vocab_pos)
+
+
 def run(cfg: TargetsConfig) -> TargetSet:
     """Encode every prompt once, build the vocabulary on training rows, label every row; returns the set."""
+    check(cfg)
     table = _read_filtered(cfg.exp)
     ids = _ids(table)
     prompts = table["prompt"].astype(str).tolist()
