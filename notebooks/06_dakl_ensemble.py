@@ -54,7 +54,7 @@ result = blend.run(cfg)
 # Every run of this experiment (mean cosine; `val / OOF` on validation rows, `test` on the held-out split):
 
 # %%
-from IPython.display import Image, Markdown, display
+from IPython.display import Image, display
 from revsd import paths, report
 
 print(report.headline(cfg.exp))
