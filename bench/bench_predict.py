@@ -12,6 +12,8 @@
    pre-decoded sample images, batch 1 vs 32; then ``revsd predict``'s whole loop (decode + model + readable
    prompt over the default bank and the modifier phrases).
 3. Text report on the held-out test split (``revsd.predict.evaluate_text``).
+4. Domain guard (``revsd.domain``): share of the run's val/test images in domain and their mean cosine to the
+   truth (model, guarded, the constant prior), and the in_domain of scikit-image's real photos (if installed).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def bench_model(run_dir: Path, n_images: int, batch: int) -> list[dict]:
     for bs in (1, batch):
         t, _, _ = best_of(lambda: pred.predict(images, batch_size=bs), repeats=2)
         rows.append({"part": "model", "what": f"{pred.backbone} predict(), batch {bs}, {len(images)} decoded images",
-                     "value": f"{len(images) / t:.1f} images/s", "note": f"{pred.image_size}px, {run_dir.name}"})
+                     "value": f"{len(images) / t:.1f} images/s", "note": f"{pred.input_size}px, {run_dir.name}"})
     bank = retrieval.default_bank(run_dir.parent.name)
     chooser = retrieval.TextChooser(bank, retrieval.modifier_bank(), k=5)
     t = time.perf_counter()
@@ -116,6 +118,46 @@ def bench_model(run_dir: Path, n_images: int, batch: int) -> list[dict]:
     rows.append({"part": "model", "what": f"revsd predict loop: decode + model + readable prompt, batch {batch}",
                  "value": f"{n / dt:.1f} images/s", "note": f"bank {len(bank):,} prompts + "
                  f"{len(chooser.modifiers):,} modifier phrases, k=5, 2 greedy rounds"})
+    return rows
+
+
+SKIMAGE_PHOTOS = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "moon.png",
+                  "motorcycle_left.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "brick.png",
+                  "gravel.png", "grass.png", "page.png", "horse.png"]
+
+
+def bench_guard(run_dir: Path) -> list[dict]:
+    from revsd import domain, targets
+
+    pred = predict.load_predictor(run_dir)
+    side = predict.min_side(pred)
+    g = domain.load_or_fit(run_dir, pred, side)
+    prior = domain.bank_prior(retrieval.default_bank(run_dir.parent.name).emb)
+    ts = targets.load(run_dir.parent.name)
+    rows = []
+    for split in ("val", "test"):
+        r = ts.rows(split)
+        emb, _, feats = pred.predict([open_rgb(p, min_side=side) for p in ts.table["image_path"].to_numpy()[r]],
+                                     with_features=True)
+        ind = g.in_domain(feats)
+        cos = {k: float((e * ts.emb[r]).sum(1).mean()) for k, e in
+               (("model", emb), ("guarded", domain.guard(emb, ind, prior)), ("prior", prior[None, :]))}
+        rows.append({"part": "guard", "what": f"{split} split ({len(r)} images): in domain (in_domain ≥ "
+                     f"{domain.OUT_OF_DOMAIN}) / untouched (= 1)", "value": f"{(ind >= domain.OUT_OF_DOMAIN).mean():.1%}"
+                     f" / {(ind >= 1).mean():.1%}", "note": "mean cosine to truth: " + ", ".join(
+                         f"{k} {v:.4f}" for k, v in cos.items())})
+    try:
+        import skimage.data
+    except ImportError:
+        return rows
+    photos = [open_rgb(Path(skimage.data.__file__).parent / n, min_side=side) for n in SKIMAGE_PHOTOS]
+    emb, _, feats = pred.predict(photos, with_features=True)
+    ind = g.in_domain(feats)
+    near = domain.guard(emb, ind, prior) @ prior
+    rows.append({"part": "guard", "what": f"{len(photos)} scikit-image photos: out of domain", "value":
+                 f"{(ind < domain.OUT_OF_DOMAIN).sum()} of {len(photos)}", "note": "in_domain / cosine of the guarded "
+                 "embedding to the prior: " + ", ".join(f"{n.split('.')[0]} {i:.2f}/{c:.3f}"
+                                                        for n, i, c in zip(SKIMAGE_PHOTOS, ind, near))})
     return rows
 
 
@@ -149,6 +191,7 @@ def main(argv=None) -> int:
             print(f"no trained run under working/: training the demo effnet_lite0 run in {tmp}", flush=True)
             run_dir = demo_run_in(tmp)
         rows += bench_model(run_dir, args.images, args.batch)
+        rows += bench_guard(run_dir)
         text_table = predict.evaluate_text(run_dir)
     table = markdown(rows)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} " \

@@ -189,7 +189,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU dry run of this script)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_gpu.md"), help="'' writes nothing")
     args = ap.parse_args(argv)
+    old = os.environ.get("REVSD_WORKING")
     os.environ["REVSD_WORKING"] = tempfile.mkdtemp(prefix="bench-train-gpu-")  # latent caches etc. stay out of working/
+    try:
+        return _run(args)
+    finally:  # callable from a test: leave the environment as it was
+        if old is None:
+            os.environ.pop("REVSD_WORKING", None)
+        else:
+            os.environ["REVSD_WORKING"] = old
+
+
+def _run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
         print("no GPU: full-size models on CPU would take hours; use --tiny for a dry run", file=sys.stderr)

@@ -16,9 +16,13 @@ def _load(name: str):
 
 
 def test_bench_train_gpu_tiny_cpu_run(tmp_path):
+    import os
+
     bench = _load("bench_train_gpu")
     out = tmp_path / "train_gpu.md"
+    working = os.environ.get("REVSD_WORKING")
     assert bench.main(["--tiny", "--backbones", "vit_b16", "--steps", "1", "--warmup", "1", "--batch", "2",
                        "--out", str(out)]) == 0
+    assert os.environ.get("REVSD_WORKING") == working  # the script's temp working dir does not leak
     text = out.read_text()
     assert "vit_b16" in text and "img/s" in text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from revsd.images import ImageError, list_images, open_rgb
+from revsd.images import ImageError, list_images, open_rgb, scan_images
 
 
 @pytest.fixture()
@@ -72,3 +72,65 @@ def test_list_images_expands_folders(tmp_path, real_jpg):
     found = [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path], recursive=True)]
     assert found == ["a.jpg", "sub/b.png", "z.png"]
     assert list_images([real_jpg]) == [real_jpg]
+
+
+def _noise(w, h, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp"])
+def test_min_side_decodes_no_larger_than_needed(tmp_path, ext):
+    big = Image.fromarray(np.kron(np.asarray(_noise(40, 30)), np.ones((50, 50, 1), np.uint8)))  # 2000x1500 blocks
+    path = tmp_path / f"big{ext}"
+    big.save(path, quality=95) if ext != ".png" else big.save(path)
+    full = open_rgb(path)
+    small = open_rgb(path, min_side=100)
+    assert full.size == (2000, 1500)
+    assert 300 <= min(small.size) < 750 and small.size[0] / small.size[1] == pytest.approx(4 / 3, rel=0.01)
+    same = np.asarray(full.resize(small.size, Image.BOX), np.float32)
+    assert np.abs(np.asarray(small, np.float32) - same).mean() < 6  # the same picture, only smaller
+
+
+def test_min_side_leaves_small_images_alone(real_jpg):
+    assert np.array_equal(np.asarray(open_rgb(real_jpg, min_side=260)), np.asarray(open_rgb(real_jpg)))
+
+
+def test_shrinking_keeps_transparent_colour_out(tmp_path):
+    arr = np.zeros((600, 600, 4), np.uint8)
+    arr[1::2, :, 0] = 255  # odd rows: invisible red
+    arr[::2, :, 2], arr[::2, :, 3] = 255, 255  # even rows: opaque blue
+    Image.fromarray(arr, "RGBA").save(tmp_path / "t.png")
+    px = np.asarray(open_rgb(tmp_path / "t.png", min_side=50), np.float32).reshape(-1, 3).mean(0)
+    assert px[0] == pytest.approx(px[1], abs=2) == pytest.approx(255 / 2, abs=3)  # blue and white only, no red
+
+
+def test_decompression_bomb_guard_holds_with_min_side(tmp_path):
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="pixel limit"):
+        open_rgb(tmp_path / "big.png", max_pixels=200 * 200, min_side=10)
+
+
+def test_symlink_loops_and_dangling_links_say_so(tmp_path):
+    (tmp_path / "self.png").symlink_to(tmp_path / "self.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with pytest.raises(ImageError, match="symlink loop"):
+        open_rgb(tmp_path / "self.png")
+    with pytest.raises(ImageError, match="dangling symlink"):
+        open_rgb(tmp_path / "gone.png")
+
+
+def test_scan_follows_symlinked_folders_once_and_names_skips(tmp_path):
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    (tmp_path / "a" / "deep" / "x.png").write_bytes(b"x")
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "to_a").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "top" / "again").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "a" / "up").symlink_to(tmp_path / "top", target_is_directory=True)  # a loop
+    (tmp_path / "top" / "readme.txt").write_text("x")
+    files, skipped = scan_images([tmp_path / "top"], recursive=True)
+    assert [p.name for p in files] == ["x.png"]
+    why = {p.relative_to(tmp_path).as_posix(): w for p, w in skipped}
+    assert why["top/readme.txt"] == "not an image file extension"
+    assert sum("already listed" in w for w in why.values()) == 2  # the second link to a/, and a/up -> top
+    files, skipped = scan_images([tmp_path / "top"])
+    assert files == [] and {w for _, w in skipped} >= {"sub-folder (--recursive descends into it)"}

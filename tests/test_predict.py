@@ -1,7 +1,8 @@
 """``revsd predict`` on real sample images: bad inputs, sidecar rules, Kaggle format, exit codes, model choice.
 
 Most tests drive the CLI with :class:`TinyPredictor`, a small real torch model behind the ``Predictor``
-protocol of ``revsd.train.load_predictor``; ``test_end_to_end_trained_run`` trains a real tiny run.
+protocol of ``revsd.inference.load_predictor``; ``test_end_to_end_trained_run`` trains a real tiny run.
+The domain guard on a real pretrained model is in ``tests/test_domain.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ WORDS = ["woman", "painting", "portrait", "cat"]
 class TinyPredictor:
     """16x16 grey thumbnail -> linear heads; embeddings lean towards a real prompt, 'woman'/'painting' likely."""
 
-    backbone, image_size, words = "tiny-linear", 16, WORDS
+    backbone, input_size, words = "tiny-linear", 16, WORDS
 
     def __init__(self, fail_on_batch: int | None = None, exc: type[BaseException] = ValueError):
         g = torch.Generator().manual_seed(0)
@@ -39,7 +40,7 @@ class TinyPredictor:
         self.b_voc = torch.tensor([3.0, 2.0, -3.0, -4.0])
         self.calls, self.fail_on_batch, self.exc = 0, fail_on_batch, exc
 
-    def predict(self, images, batch_size=32):
+    def predict(self, images, batch_size=32, with_features=False):
         self.calls += 1
         if self.calls == self.fail_on_batch:
             raise self.exc("simulated failure")
@@ -48,7 +49,7 @@ class TinyPredictor:
         with torch.inference_mode():
             emb = torch.nn.functional.normalize(x @ self.w_emb + self.b_emb, dim=1)
             probs = torch.sigmoid(x @ self.w_voc + self.b_voc)
-        return emb.numpy(), probs.numpy()
+        return (emb.numpy(), probs.numpy(), x.numpy()) if with_features else (emb.numpy(), probs.numpy())
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +166,12 @@ def test_model_failure_in_one_batch_spares_the_others(tmp_path, tiny, good_image
     assert all(r["error"] is None for r in lines[4:])
 
 
-def test_a_crash_loses_no_finished_lines(tmp_path, tiny, good_images, small_bank):
+def test_ctrl_c_exits_130_keeping_finished_lines(tmp_path, tiny, good_images, small_bank, capsys):
     tiny["model"] = TinyPredictor(fail_on_batch=2, exc=KeyboardInterrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, good_images * 3, bank=small_bank)
-    lines = (tmp_path / "preds.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and all(json.loads(s)["error"] is None for s in lines)
+    code, lines = _run(tmp_path, good_images * 3, bank=small_bank)
+    assert code == 130
+    assert len(lines) == 4 and all(r["error"] is None for r in lines)
+    assert "interrupted; 4 line(s) written to" in capsys.readouterr().err
 
 
 def test_exit_codes(tmp_path, tiny, small_bank, monkeypatch, capsys):
@@ -291,3 +292,133 @@ def test_folders_and_recursive(tmp_path, tiny, good_images, small_bank):
     assert _run(tmp_path, [tmp_path / "top"], bank=small_bank)[0] == 2  # nothing at the top level
     code, lines = _run(tmp_path, [tmp_path / "top"], "--recursive", bank=small_bank)
     assert code == 0 and sorted(Path(r["image"]).name for r in lines) == sorted(p.name for p in good_images[:2])
+
+
+# --- embedded prompts (issue 13), faults (issue 14) -----------------------------------------------------------
+
+A1111_PROMPT = "a red fox in the snow, golden hour, (detailed fur:1.2)"
+COMFY_PROMPT = "a lighthouse on a cliff at night, dramatic sky"
+COMFY_GRAPH = {
+    "3": {"class_type": "KSampler", "inputs": {"seed": 7, "steps": 20, "cfg": 8.0, "sampler_name": "euler",
+                                               "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                               "latent_image": ["5", 0]}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 640, "batch_size": 1}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": COMFY_PROMPT, "clip": ["4", 1]}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+}
+
+
+def _png_with(path: Path, src: Path, chunks: dict[str, str]) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in chunks.items():
+        info.add_text(k, v)
+    Image.open(src).convert("RGB").save(path, pnginfo=info)
+    return path
+
+
+@pytest.fixture()
+def prompted(tmp_path, good_images) -> dict[str, Path]:
+    d = tmp_path / "gens"
+    d.mkdir()
+    a1111 = f"{A1111_PROMPT}\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 512x512"
+    return {"a1111": _png_with(d / "a1111.png", good_images[0], {"parameters": a1111}),
+            "comfyui": _png_with(d / "comfy.png", good_images[1], {"prompt": json.dumps(COMFY_GRAPH)}),
+            "malformed": _png_with(d / "broken.png", good_images[2], {"prompt": '{"3": {"class_type": "KSa'}),
+            "plain": Path(shutil.copy(good_images[2], d / "plain.jpg"))}
+
+
+def test_embedded_prompts_are_used_exactly(tmp_path, tiny, prompted, small_bank, capsys):
+    code, lines = _run(tmp_path, prompted.values(), bank=small_bank)
+    assert code == 0
+    r = {k: line for k, line in zip(prompted, lines)}
+    for kind, prompt in (("a1111", A1111_PROMPT), ("comfyui", COMFY_PROMPT)):
+        assert r[kind]["prompt"] == prompt and r[kind]["prompt_source"] == "metadata", kind
+        assert r[kind]["metadata"]["prompt"] == prompt and r[kind]["error"] is None
+        np.testing.assert_allclose(r[kind]["embedding"], encode([prompt])[0], atol=1e-5)
+        assert not np.allclose(r[kind]["embedding"], r[kind]["model_embedding"], atol=1e-3)
+    assert r["a1111"]["metadata"]["seed"] == 42 and r["a1111"]["metadata"]["negative_prompt"] == "blurry"
+    assert r["comfyui"]["metadata"]["tool"] == "comfyui" and r["comfyui"]["metadata"]["steps"] == 20
+    for kind in ("plain", "malformed"):  # never a claimed prompt; a broken chunk is a warning, not a crash
+        assert r[kind]["prompt_source"] == "model" and r[kind]["metadata"] is None and r[kind]["error"] is None
+        assert r[kind]["embedding"] == r[kind]["model_embedding"]  # no guard for this run: the model's own
+    assert r["plain"]["warning"] is None and "broken.png" in r["malformed"]["warning"]
+    assert "2 prompt(s) from file metadata" in capsys.readouterr().err
+    code, lines = _run(tmp_path, prompted.values(), "--ignore-metadata", bank=small_bank)
+    assert code == 0 and {x["prompt_source"] for x in lines} == {"model"} and all(x["metadata"] is None for x in lines)
+
+
+def test_usage_errors_leave_outputs_untouched(tmp_path, tiny, good_images, small_bank, capsys):
+    out = tmp_path / "preds.jsonl"
+    out.write_text("earlier results\n")
+    base = [str(good_images[0]), "--model", str(tmp_path), "--bank", str(small_bank)]
+    cases = [(["--out", str(tmp_path)], "is a folder"), (["--out", str(out), "--batch-size", "0"], "--batch-size"),
+             (["--out", str(out), "--k", "0"], "--k"), (["--out", str(out), "--word-threshold", "2"], "0..1"),
+             (["--out", str(out), "--kaggle-submission", str(tmp_path)], "is a folder")]
+    for extra, why in cases:
+        assert predict.main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert why in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert predict.main([str(good_images[0]), "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    assert out.read_text() == "earlier results\n"
+
+
+@pytest.mark.parametrize("damage", ["corrupt_weights", "list_model_json"])
+def test_a_damaged_model_is_one_line(tmp_path, good_images, small_bank, capsys, damage):
+    run = tmp_path / "run"
+    run.mkdir()
+    if damage == "corrupt_weights":
+        (run / "model.json").write_text(json.dumps({"backbone": "effnet_lite0", "mode": "frozen", "head_config": "plain",
+                                                    "in_dim": 8, "emb_dim": 384, "vocab_size": 0, "hidden": 0,
+                                                    "dropout": 0.0, "head_norm": True, "lam": 0.0, "words": [],
+                                                    "preprocess": {"input_size": 16, "mean": [0.5] * 3,
+                                                                   "std": [0.5] * 3},
+                                                    "pretrained": False, "tiny": True}))
+        (run / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    else:
+        (run / "model.json").write_text("[1, 2, 3]")
+    out = tmp_path / "o.jsonl"
+    assert predict.main([str(good_images[0]), "--model", str(run), "--out", str(out), "--bank", str(small_bank)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot load the model" in err and str(run) in err
+    assert not out.exists()
+
+
+def test_sidecars_of_one_stem_never_collide(tmp_path, tiny, good_images, small_bank, capsys):
+    d = tmp_path / "same"
+    d.mkdir()
+    imgs = []
+    for ext in (".bmp", ".tiff", ".webp"):
+        Image.open(good_images[0]).save(d / f"img{ext}")
+        imgs.append(d / f"img{ext}")
+    code, lines = _run(tmp_path, [d], "--txt", bank=small_bank)
+    assert code == 0 and [r["sidecar"] for r in lines] == ["written"] * 3
+    assert sorted(p.name for p in d.glob("*.txt")) == ["img.bmp.txt", "img.tiff.txt", "img.webp.txt"]
+    for r in lines:
+        assert Path(r["sidecar_file"]).read_text() == r["prompt"] + "\n"
+    assert "3 image(s) share a stem" in capsys.readouterr().err
+    assert predict.sidecar_paths([d / "a.png", d / "b.png"])[str(d / "a.png")] == d / "a.txt"
+
+
+def test_recursive_follows_symlinked_folders_and_names_skips(tmp_path, tiny, good_images, small_bank, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(good_images[0], outside / "linked.jpg")
+    top = tmp_path / "top"
+    (top / "sub").mkdir(parents=True)
+    shutil.copy(good_images[1], top / "sub" / "real.jpg")
+    (top / "sub" / "link").symlink_to(outside, target_is_directory=True)
+    (top / "sub" / "loop").symlink_to(top, target_is_directory=True)  # would recurse forever
+    (top / "self.png").symlink_to(top / "self.png")
+    (top / "notes.md").write_text("x")
+    code, lines = _run(tmp_path, [top], "--recursive", bank=small_bank)
+    assert code == 0
+    by = {Path(r["image"]).name: r for r in lines}
+    assert sorted(by) == ["linked.jpg", "real.jpg", "self.png"]
+    assert by["linked.jpg"]["error"] is None and "symlink loop" in by["self.png"]["error"]
+    err = capsys.readouterr().err
+    assert "skipped 2 input(s)" in err and "notes.md (not an image file extension)" in err
+    assert f"{top / 'sub' / 'loop'} (folder already listed" in err

@@ -1,12 +1,20 @@
-"""Robust image reading shared by feature extraction and ``revsd predict``.
+"""Robust image reading shared by feature extraction, training and ``revsd predict``.
 
 Every failure becomes an :class:`ImageError` whose message names the file and what is wrong, so callers can
-report the image and go on with the batch (never drop it silently).
+report the image and go on with the batch (never drop it silently). ``open_rgb(path, min_side=...)`` decodes no
+larger than a model needs (JPEG: DCT-domain draft; other formats: an integer box reduce right after decoding), so
+memory per image stays bounded whatever the file's size. :func:`scan_images` expands folders (following
+symlinked sub-folders with loop protection) and names everything it skips.
 """
 
 from __future__ import annotations
 
+import errno
+import math
+import os
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +22,26 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 8192 * 8192  # decompression-bomb guard: ~67 MP; SD images are ≤ 1 MP
+DECODE_MARGIN = 3  # min_side keeps the shorter side ≥ 3 × min_side: the margin the final resize's reducing_gap keeps
+DECODE_BUDGET = 512 * 2**20  # bytes of full-size pixels that threads may decode at once (one bigger image at a time)
+_budget = threading.Condition()
+_in_use = [0]
+
+
+@contextmanager
+def decode_budget(nbytes: int):
+    """Wait until ``nbytes`` of full-size pixels fit in :data:`DECODE_BUDGET` next to other threads' decodes,
+    so that memory stays bounded whatever the number of decoding threads."""
+    nbytes = min(nbytes, DECODE_BUDGET)
+    with _budget:
+        _budget.wait_for(lambda: _in_use[0] + nbytes <= DECODE_BUDGET)
+        _in_use[0] += nbytes
+    try:
+        yield
+    finally:
+        with _budget:
+            _in_use[0] -= nbytes
+            _budget.notify_all()
 
 
 class ImageError(RuntimeError):
@@ -39,11 +67,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and convert an image to RGB, or raise :class:`ImageError`."""
+def shrink_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """Largest integer reduction that keeps the shorter side ≥ ``DECODE_MARGIN × min_side`` (1: keep as is)."""
+    return max(1, min(size) // (DECODE_MARGIN * min_side)) if min_side else 1
+
+
+def _shrink(img: Image.Image, factor: int) -> Image.Image:
+    """Box-reduce by ``factor`` (transparency premultiplied so that hidden colours do not bleed), then RGB."""
+    if factor < 2:
+        return to_rgb(img)
+    if img.mode in ("RGB", "L", "CMYK"):
+        return to_rgb(img.reduce(factor))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return to_rgb(img.convert("RGBA").convert("RGBa").reduce(factor).convert("RGBA"))
+    return to_rgb(img).reduce(factor)
+
+
+def _missing(path: Path) -> str:
+    """Why ``path`` cannot be opened although it was named: symlink loop, dangling symlink or not found."""
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{path}: symlink loop (the link points back at itself)"
+        return f"{path}: dangling symlink (its target {os.readlink(path)} does not exist)"
+    return f"{path}: file not found"
+
+
+def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Open, decode and convert an image to RGB, or raise :class:`ImageError`.
+
+    ``min_side`` (e.g. the model's input size): decode at most what is needed, keeping the shorter side
+    ≥ ``DECODE_MARGIN × min_side`` (never below the image's own size); ``None`` decodes at full size.
+    """
     path = Path(path)
     if not path.exists():
-        raise ImageError(f"{path}: file not found")
+        raise ImageError(_missing(path))
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -55,8 +115,13 @@ def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 if w * h > max_pixels:
                     raise ImageError(f"{path}: {w}x{h} pixels exceeds the {max_pixels:,}-pixel limit "
                                      "(decompression-bomb guard); resize it first")
-                im.load()
-                return to_rgb(im)
+                if min_side and im.format == "JPEG":  # DCT scaling by 1/2, 1/4 or 1/8 while decoding
+                    s = DECODE_MARGIN * min_side / min(w, h)
+                    if s < 0.5:
+                        im.draft(im.mode, (math.ceil(w * s), math.ceil(h * s)))
+                with decode_budget(im.size[0] * im.size[1] * max(len(im.getbands()), 3) * 2):
+                    im.load()
+                    return _shrink(im, shrink_factor(im.size, min_side))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -69,14 +134,51 @@ def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
 
 
-def list_images(paths, recursive: bool = False) -> list[Path]:
-    """Expand files and folders into a sorted list of candidate image files (folders: by extension)."""
-    out: list[Path] = []
+def _walk(folder: Path, recursive: bool, files: list[Path], skipped: list[tuple[Path, str]]) -> None:
+    """Files of ``folder`` by extension; sub-folders (symlinked ones too) once each when ``recursive``."""
+    seen: set[tuple[int, int]] = set()
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                skipped.append((d, "folder already listed (symlink loop or second link to it)"))
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(d.iterdir())
+        except OSError as e:
+            skipped.append((d, f"folder not readable ({e.strerror or e})"))
+            continue
+        for q in entries:
+            if q.is_dir():
+                if recursive:
+                    stack.append(q)
+                else:
+                    skipped.append((q, "sub-folder (--recursive descends into it)"))
+            elif q.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(q)  # dangling links and loops too: open_rgb then says which
+            elif q.is_symlink() and not q.exists():
+                skipped.append((q, _missing(q).split(": ", 1)[1]))
+            else:
+                skipped.append((q, "not an image file extension"))
+
+
+def scan_images(paths, recursive: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand files and folders into ``(images, skipped)``: images sorted per folder (named files kept as
+    given), ``skipped`` = ``(path, why)`` for every folder entry left out."""
+    files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            it = p.rglob("*") if recursive else p.iterdir()
-            # dangling symlinks are kept so that open_rgb reports them instead of skipping them silently
-            out.extend(sorted(q for q in it if (q.is_file() or q.is_symlink()) and q.suffix.lower() in IMAGE_EXTENSIONS))
+            found: list[Path] = []
+            _walk(p, recursive, found, skipped)
+            files.extend(sorted(found))
         else:
-            out.append(p)
-    return out
+            files.append(p)
+    return files, skipped
+
+
+def list_images(paths, recursive: bool = False) -> list[Path]:
+    """Expand files and folders into a sorted list of candidate image files (folders: by extension)."""
+    return scan_images(paths, recursive)[0]

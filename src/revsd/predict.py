@@ -2,41 +2,63 @@
 
 Default model: the best run (highest ``val_cosine`` in ``metrics.json``, newest on ties) of the experiment
 whose complete run finished last, among ``working/{03_train,05_curriculum}/<exp>/<run>/`` (complete = ``DONE``).
-``--model RUN_DIR`` picks one. Weights are read by ``revsd.train.load_predictor`` (safetensors, no pickle).
+``--model RUN_DIR`` picks one. Weights are read by ``revsd.inference.load_predictor`` (safetensors, no pickle).
+Images are decoded no larger than the model needs (``revsd.images.open_rgb(min_side=...)``).
 
 Output: one JSON line per input file, in input order, written and flushed per batch (a crash loses no finished
-line): ``image``, ``embedding`` (384 floats), ``prompt``, ``prompt_cosine`` (cosine of the prompt's own MiniLM
-embedding to ``embedding``), ``neighbors`` [{prompt, cosine}], ``words`` [{word, prob}] and ``error`` (null, or
-why this file failed; the other fields are then null/empty). A bad file never stops the batch.
+line): ``image``; ``prompt`` and ``prompt_source`` (``"metadata"``: the exact positive prompt the file carries,
+read by ``revsd.metadata``; ``"model"``: the readable prompt closest to ``embedding``); ``metadata`` (what the
+file carries: prompt, negative_prompt, model, seed, steps, sampler, cfg, width, height, tool; null when none);
+``embedding`` (384 floats: the metadata prompt's MiniLM embedding, else the guarded model embedding);
+``model_embedding`` (the model's own); ``in_domain`` (0-1: how much the image looks like the run's training
+images; below 1 the model embedding is moved towards the prompt bank's mean, see ``revsd.domain``; null without
+a guard); ``prompt_cosine`` (cosine of the prompt's own MiniLM embedding to ``embedding``); ``neighbors``
+[{prompt, cosine}]; ``words`` [{word, prob}]; ``warning`` (null, or e.g. a malformed metadata chunk) and
+``error`` (null, or why this file failed; the other fields are then null/empty). A bad file never stops the batch.
 
-Sidecars (``--txt``): ``<image>.txt`` with the prompt. An existing sidecar is left alone and reported unless
-``--overwrite`` (replace it) or ``--append`` (add the prompt as a new line) is given.
+Sidecars (``--txt``): ``<image stem>.txt`` with the prompt; images of one run that would share one (``img.bmp``,
+``img.webp``) get ``<image name>.txt`` each (``img.bmp.txt``). An existing sidecar is left alone and reported
+unless ``--overwrite`` (replace it) or ``--append`` (add the prompt as a new line) is given.
 
-Exit status: 0 when at least one image was processed; 1 when none was, when no model is found, or when the
-requested Kaggle submission could not be written; 2 for usage errors (no input files).
+Exit status: 0 when at least one image was processed; 1 when none was, when the model cannot be loaded, or when
+the requested Kaggle submission could not be written; 2 for usage errors (no input files, a bad option value,
+--out a folder), checked before any output is touched; 130 on Ctrl-C (after saying how many lines were written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from revsd import paths, runs
+from revsd import domain, metadata, paths, runs
 from revsd.artifacts import write_text
-from revsd.images import ImageError, list_images, open_rgb
-from revsd.retrieval import PromptBank, TextChooser, default_bank, encode, load_bank, modifier_bank
+from revsd.images import ImageError, open_rgb, scan_images
+from revsd.retrieval import (
+    PromptBank,
+    TextChooser,
+    default_bank,
+    encode,
+    load_bank,
+    modifier_bank,
+)
 
 NO_MODEL_HELP = ("no trained model found under {where}: train one with `make demo` "
                  "(or `revsd pipeline --profile demo`), or pass --model RUN_DIR")
+
+
+class UsageError(ValueError):
+    """A bad command line: one line on stderr, exit 2, nothing written."""
 
 
 def default_model_dir() -> Path | None:
@@ -57,53 +79,109 @@ def confident_words(probs: np.ndarray | None, words: Sequence[str], threshold: f
 
 
 def load_predictor(run_dir: str | Path):
-    """The run's model behind the ``Predictor`` protocol (``revsd.train.load_predictor``)."""
-    from revsd import train
+    """The run's model behind the ``Predictor`` protocol (``revsd.inference.load_predictor``)."""
+    from revsd import inference
 
-    return train.load_predictor(Path(run_dir))
+    return inference.load_predictor(Path(run_dir))
 
 
-def _load(path: Path):
+def min_side(predictor) -> int | None:
+    """The shorter image side the model's preprocessing resizes to (decode no larger than a margin above it)."""
+    pp = getattr(predictor, "preprocess", None)
+    size = getattr(predictor, "input_size", None) or (pp.input_size if pp else None)
+    return math.ceil(size / (getattr(pp, "crop_pct", 1.0) or 1.0)) if size else None
+
+
+def _load(path: Path, side: int | None, read_metadata: bool):
+    """``(image, metadata result or None, error or None)``; metadata only for readable images."""
     try:
-        return open_rgb(path), None
+        img = open_rgb(path, min_side=side)
     except ImageError as e:
-        return None, str(e)
+        return None, None, str(e)
     except Exception as e:  # anything else about one file must not stop the batch
-        return None, f"{path}: {type(e).__name__}: {e}"
+        return None, None, f"{path}: {type(e).__name__}: {e}"
+    return img, metadata.read(path) if read_metadata else None, None
+
+
+def _blank(image, err: str | None, warning: str | None) -> dict:
+    return {"image": str(image), "prompt": None, "prompt_source": None, "metadata": None, "embedding": None,
+            "model_embedding": None, "in_domain": None, "prompt_cosine": None, "neighbors": [], "words": [],
+            "warning": warning, "error": err}
+
+
+def _vec(v: np.ndarray) -> list[float]:
+    return np.round(v.astype(np.float64), 7).tolist()
 
 
 def predict_records(predictor, files: Sequence[Path], chooser: TextChooser | None, batch_size: int = 32,
-                    word_threshold: float = 0.5, workers: int = 4) -> Iterator[list[dict]]:
-    """Yield one list of JSON-ready records per batch of ``files`` (input order; failures carry ``error``)."""
+                    word_threshold: float = 0.5, workers: int = 4, guard: domain.DomainGuard | None = None,
+                    prior: np.ndarray | None = None, read_metadata: bool = True) -> Iterator[list[dict]]:
+    """Yield one list of JSON-ready records per batch of ``files`` (input order; failures carry ``error``).
+
+    ``guard`` + ``prior``: give ``in_domain`` and move out-of-domain embeddings towards ``prior``.
+    ``read_metadata``: use the exact prompt a file carries (``prompt_source: "metadata"``)."""
+    side = min_side(predictor)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(files), batch_size):
             chunk = list(files[start:start + batch_size])
-            loaded = list(pool.map(_load, chunk))
-            recs = [{"image": str(f), "embedding": None, "prompt": None, "prompt_cosine": None, "neighbors": [],
-                     "words": [], "error": err} for f, (_, err) in zip(chunk, loaded)]
-            ok = [i for i, (img, _) in enumerate(loaded) if img is not None]
+            loaded = list(pool.map(lambda f: _load(f, side, read_metadata), chunk))
+            recs = [_blank(f, err, meta.warning if meta else None) for f, (_, meta, err) in zip(chunk, loaded)]
+            ok = [i for i, (img, _, _) in enumerate(loaded) if img is not None]
             if ok:
                 try:
-                    emb, probs = predictor.predict([loaded[i][0] for i in ok], batch_size=batch_size)
-                    words = confident_words(probs, predictor.words, word_threshold)
-                    texts = chooser(emb, [[w for w, _ in ws] for ws in words]) if chooser else [None] * len(ok)
+                    _fill(predictor, [loaded[i] for i in ok], [recs[i] for i in ok], chooser, batch_size,
+                          word_threshold, guard, prior)
                 except Exception as e:  # a failing batch is reported per image; the next batch still runs
                     for i in ok:
-                        recs[i]["error"] = f"{chunk[i]}: prediction failed ({type(e).__name__}: {e})"
-                else:
-                    for j, i in enumerate(ok):
-                        r = recs[i]
-                        r["embedding"] = np.round(emb[j].astype(np.float64), 7).tolist()
-                        r["words"] = [{"word": w, "prob": round(p, 4)} for w, p in words[j]]
-                        if texts[j] is not None:
-                            r["prompt"], r["prompt_cosine"] = texts[j].prompt, round(texts[j].cosine, 5)
-                            r["neighbors"] = [{"prompt": p, "cosine": round(c, 5)} for p, c in texts[j].neighbors]
+                        recs[i].update(_blank(chunk[i], f"{chunk[i]}: prediction failed ({type(e).__name__}: {e})",
+                                              recs[i]["warning"]))
             yield recs
 
 
-def write_sidecar(image: str | Path, text: str, mode: str = "keep") -> str:
-    """Write ``<image stem>.txt``; ``mode`` keep|overwrite|append. Returns written|kept|overwritten|appended."""
-    txt = Path(image).with_suffix(".txt")
+def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, prior) -> None:
+    imgs = [img for img, _, _ in loaded]
+    if guard is not None:
+        raw, probs, feats = predictor.predict(imgs, batch_size=batch_size, with_features=True)
+        ind = guard.in_domain(feats)
+        emb = domain.guard(raw, ind, prior)
+    else:
+        (raw, probs), ind = predictor.predict(imgs, batch_size=batch_size), None
+        emb = raw.copy()
+    infos = [meta.info if meta else None for _, meta, _ in loaded]
+    from_meta = [j for j, info in enumerate(infos) if info and (info.get("prompt") or "").strip()]
+    if from_meta:
+        emb[from_meta] = encode([infos[j]["prompt"] for j in from_meta])
+    words = confident_words(probs, predictor.words, word_threshold)
+    texts = chooser(emb, [[w for w, _ in ws] for ws in words]) if chooser else [None] * len(recs)
+    for j, r in enumerate(recs):
+        r.update(embedding=_vec(emb[j]), model_embedding=_vec(raw[j]), metadata=infos[j],
+                 in_domain=None if ind is None else round(float(ind[j]), 4), prompt_source="model",
+                 words=[{"word": w, "prob": round(p, 4)} for w, p in words[j]])
+        if texts[j] is not None:
+            r["prompt"], r["prompt_cosine"] = texts[j].prompt, round(texts[j].cosine, 5)
+            r["neighbors"] = [{"prompt": p, "cosine": round(c, 5)} for p, c in texts[j].neighbors]
+        if j in from_meta:
+            r["prompt"], r["prompt_source"], r["prompt_cosine"] = infos[j]["prompt"], "metadata", 1.0
+
+
+# --- sidecars -----------------------------------------------------------------------------------------------------
+
+def sidecar_paths(files: Sequence[str | Path]) -> dict[str, Path]:
+    """``<stem>.txt`` per image; images sharing one (img.bmp, img.webp) get ``<name>.txt`` each instead."""
+    by_txt: dict[Path, list[Path]] = defaultdict(list)
+    for f in map(Path, files):
+        by_txt[f.with_suffix(".txt")].append(f)
+    out = {}
+    for txt, group in by_txt.items():
+        for f in group:
+            out[str(f)] = txt if len(group) == 1 else f.with_name(f.name + ".txt")
+    return out
+
+
+def write_sidecar(image: str | Path, text: str, mode: str = "keep", txt: str | Path | None = None) -> str:
+    """Write ``txt`` (default ``<image stem>.txt``); ``mode`` keep|overwrite|append.
+    Returns written|kept|overwritten|appended."""
+    txt = Path(txt) if txt else Path(image).with_suffix(".txt")
     if txt.exists():
         if mode == "keep":
             return "kept"
@@ -117,6 +195,8 @@ def write_sidecar(image: str | Path, text: str, mode: str = "keep") -> str:
     return "written"
 
 
+# --- command line ---------------------------------------------------------------------------------------------
+
 def _parser() -> argparse.ArgumentParser:
     class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
@@ -124,13 +204,18 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="revsd predict", description=__doc__.replace("``", ""), formatter_class=Fmt)
     ap.add_argument("paths", nargs="+", help="image files and/or folders")
     ap.add_argument("--out", default="preds.jsonl", help="JSON lines output, replaced if it exists")
-    ap.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    ap.add_argument("--recursive", action="store_true",
+                    help="descend into sub-folders (symlinked ones too, each folder once)")
     ap.add_argument("--model", default=None, help="run directory (default: the last pipeline run under working/)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--k", type=int, default=5, help="bank neighbours per image")
     ap.add_argument("--word-threshold", type=float, default=0.5, help="vocabulary probability to report a word")
     ap.add_argument("--bank", default=None, help="prompt bank folder (default: working/banks/default + train split)")
     ap.add_argument("--no-modifiers", action="store_true", help="do not extend prompts with modifier phrases")
+    ap.add_argument("--ignore-metadata", action="store_true",
+                    help="score the model alone, even for files that carry their own prompt")
+    ap.add_argument("--no-guard", action="store_true",
+                    help="no domain guard: embedding = the model's own, in_domain null")
     ap.add_argument("--txt", action="store_true", help="write the prompt to <image>.txt next to each image")
     side = ap.add_mutually_exclusive_group()
     side.add_argument("--overwrite", action="store_true", help="with --txt: replace existing sidecars")
@@ -139,75 +224,141 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check(args) -> None:
+    """Every option value, before anything is read or written (raises :class:`UsageError`)."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if args.k < 1:
+        raise UsageError(f"--k must be ≥ 1, got {args.k}")
+    if not 0.0 <= args.word_threshold <= 1.0:
+        raise UsageError(f"--word-threshold must be within 0..1, got {args.word_threshold}")
+    for flag, value in (("--out", args.out), ("--kaggle-submission", args.kaggle_submission)):
+        if value is None:
+            continue
+        p = Path(value)
+        if p.is_dir():
+            raise UsageError(f"{flag} {p} is a folder; give a file name (e.g. {p / 'preds.jsonl'})")
+        parent = next((q for q in [p.parent, *p.parent.parents] if q.exists()), Path("."))
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UsageError(f"{flag} {p}: cannot create it ({parent} is not a writable folder)")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such run folder (give working/03_train/<exp>/<run>)")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _examples(items: list[str], n: int = 10) -> str:
+    return "; ".join(items[:n]) + (f"; ... and {len(items) - n} more" if len(items) > n else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    files = list_images(args.paths, recursive=args.recursive)
+    try:
+        _check(args)
+    except UsageError as e:
+        _say(f"revsd predict: {e}")
+        return 2
+    files, skipped = scan_images(args.paths, recursive=args.recursive)
+    skipped_txt = [f"{p} ({why})" for p, why in skipped]
     if not files:
-        print(f"revsd predict: no image files in {' '.join(args.paths)} (folders are read by extension; "
-              "--recursive descends into sub-folders)", file=sys.stderr)
+        _say(f"revsd predict: no image files in {' '.join(args.paths)} (folders are read by extension; "
+             "--recursive descends into sub-folders)" + (f"; skipped: {_examples(skipped_txt)}" if skipped else ""))
         return 2
     model_dir = Path(args.model) if args.model else default_model_dir()
     if model_dir is None:
-        print("revsd predict: " + NO_MODEL_HELP.format(where=f"{paths.working_dir()}/{{{','.join(runs.RUN_STAGES)}}}"),
-              file=sys.stderr)
+        _say("revsd predict: " + NO_MODEL_HELP.format(where=f"{paths.working_dir()}/{{{','.join(runs.RUN_STAGES)}}}"))
         return 1
+    out, written = Path(args.out), [0]
+    try:
+        return _run(args, files, skipped_txt, model_dir, out, written)
+    except KeyboardInterrupt:
+        _say(f"revsd predict: interrupted; {written[0]} line(s) written to {out}" if written[0] or out.exists()
+             else "revsd predict: interrupted before any output was written")
+        return 130
+
+
+def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) -> int:
     try:
         predictor = load_predictor(model_dir)
-    except (FileNotFoundError, OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: stale checkpoint
-        print(f"revsd predict: cannot load the model in {model_dir} ({e}); " + NO_MODEL_HELP.format(where=model_dir),
-              file=sys.stderr)
+    except Exception as e:  # a corrupt or foreign model file: one line, never a traceback
+        _say(f"revsd predict: cannot load the model in {model_dir} ({_one_line(e)}); "
+             + NO_MODEL_HELP.format(where=model_dir))
         return 1
     try:
         bank = load_bank(args.bank) if args.bank else default_bank(model_dir.parent.name)
         chooser = TextChooser(bank, None if args.no_modifiers else modifier_bank(), k=args.k)
     except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"revsd predict: cannot load the prompt bank: {e.args[0] if e.args else e}", file=sys.stderr)
+        _say(f"revsd predict: cannot load the prompt bank: {e.args[0] if e.args else e}")
         return 1
+    guard = None
+    if not args.no_guard:
+        try:
+            guard = domain.load_or_fit(model_dir, predictor, min_side(predictor))
+        except Exception as e:  # no train/val rows for this run (e.g. a copied model): predict unguarded
+            _say(f"revsd predict: no domain guard for {model_dir} ({_one_line(e)}); in_domain is null and "
+                 "embeddings are the model's own (--no-guard silences this)")
     mode = "overwrite" if args.overwrite else "append" if args.append else "keep"
-
-    out = Path(args.out)
+    sidecars = sidecar_paths(files) if args.txt else {}
     out.parent.mkdir(parents=True, exist_ok=True)
-    n_ok, failed, kept, ids, embs = 0, [], [], [], []
+    n_ok, n_out, n_meta, failed, kept, ids, embs = 0, 0, 0, [], [], [], []
     t0 = time.perf_counter()
-    print(f"revsd predict: {len(files)} file(s), model {model_dir} ({predictor.backbone}), bank of {len(bank):,} "
-          f"prompts -> {out}", file=sys.stderr)
+    _say(f"revsd predict: {len(files)} file(s), model {model_dir} ({predictor.backbone}), bank of {len(bank):,} "
+         f"prompts -> {out}")
     with open(out, "w") as f, tqdm(total=len(files), desc="predict", unit="img") as bar:
-        for recs in predict_records(predictor, files, chooser, args.batch_size, args.word_threshold):
+        for recs in predict_records(predictor, files, chooser, args.batch_size, args.word_threshold, guard=guard,
+                                    prior=domain.bank_prior(bank.emb), read_metadata=not args.ignore_metadata):
             for r in recs:
                 if r["error"]:
                     failed.append(r)
                 else:
                     n_ok += 1
+                    n_out += r["in_domain"] is not None and r["in_domain"] < domain.OUT_OF_DOMAIN
+                    n_meta += r["prompt_source"] == "metadata"
                     ids.append(Path(r["image"]).stem)
                     embs.append(r["embedding"])
                     if args.txt:
-                        r["sidecar"] = write_sidecar(r["image"], r["prompt"], mode)
+                        txt = sidecars[r["image"]]
+                        r["sidecar"], r["sidecar_file"] = write_sidecar(r["image"], r["prompt"], mode, txt), str(txt)
                         if r["sidecar"] == "kept":
-                            kept.append(r["image"])
+                            kept.append(str(txt))
                 f.write(json.dumps(r) + "\n")
             f.flush()
             os.fsync(f.fileno())
+            written[0] += len(recs)
             bar.update(len(recs))
     dt = time.perf_counter() - t0
-    print(f"revsd predict: {n_ok} ok, {len(failed)} failed, {len(files) / max(dt, 1e-9):.1f} images/s "
-          f"({dt:.1f} s) -> {out}", file=sys.stderr)
+    guarded = (f", {n_out} out of domain (in_domain < {domain.OUT_OF_DOMAIN}: moved towards the bank's mean)"
+               if guard is not None else ", no domain guard")
+    _say(f"revsd predict: {n_ok} ok, {len(failed)} failed{guarded}, {n_meta} prompt(s) from file metadata, "
+         f"{len(files) / max(dt, 1e-9):.1f} images/s ({dt:.1f} s) -> {out}")
     for r in failed[:20]:
-        print(f"  failed: {r['error']}", file=sys.stderr)
+        _say(f"  failed: {r['error']}")
     if len(failed) > 20:
-        print(f"  ... and {len(failed) - 20} more (see 'error' in {out})", file=sys.stderr)
+        _say(f"  ... and {len(failed) - 20} more (see 'error' in {out})")
+    if skipped_txt:
+        _say(f"  skipped {len(skipped_txt)} input(s): {_examples(skipped_txt)}")
+    renamed = [f"{Path(i).name} -> {t.name}" for i, t in sidecars.items() if t != Path(i).with_suffix(".txt")]
+    if renamed:
+        _say(f"  {len(renamed)} image(s) share a stem, so their sidecars are named after the whole file name: "
+             + _examples(renamed))
     if kept:
-        print(f"  {len(kept)} sidecar .txt file(s) already existed and were left alone (e.g. "
-              f"{Path(kept[0]).with_suffix('.txt')}); --overwrite replaces them, --append adds a line",
-              file=sys.stderr)
+        _say(f"  {len(kept)} sidecar .txt file(s) already existed and were left alone (e.g. {kept[0]}); "
+             "--overwrite replaces them, --append adds a line")
     status = 0 if n_ok else 1
     if args.kaggle_submission and n_ok:
         from revsd.submission import SubmissionError, write_submission
 
         try:
             write_submission(ids, np.asarray(embs, dtype=np.float32), args.kaggle_submission)
-            print(f"  Kaggle submission ({n_ok} images x 384 rows) -> {args.kaggle_submission}", file=sys.stderr)
+            _say(f"  Kaggle submission ({n_ok} images x 384 rows) -> {args.kaggle_submission}")
         except SubmissionError as e:
-            print(f"revsd predict: Kaggle submission not written: {e}", file=sys.stderr)
+            _say(f"revsd predict: Kaggle submission not written: {e}")
             status = 1
     return status
 
