@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     old = os.environ.get("REVSD_WORKING")
     os.environ["REVSD_WORKING"] = tempfile.mkdtemp(prefix="bench-train-gpu-")  # latent caches etc. stay out of working/
     try:
-        return _run(args)
+        return _run(args, argv if argv is not None else sys.argv[1:])
     finally:  # callable from a test: leave the environment as it was
         if old is None:
             os.environ.pop("REVSD_WORKING", None)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
             os.environ["REVSD_WORKING"] = old
 
 
-def _run(args) -> int:
+def _run(args, argv: list[str]) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
         print("no GPU: full-size models on CPU would take hours; use --tiny for a dry run", file=sys.stderr)
@@ -222,7 +222,7 @@ def _run(args) -> int:
     if args.out:
         from revsd.artifacts import write_text
 
-        cmd = "python bench/bench_train_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = "python bench/bench_train_gpu.py " + " ".join(argv)
         write_text(args.out, f"# Fine-tuning throughput and MFU per backbone\n\n`{cmd.strip()}`\n\n{text}")
         print(f"wrote {args.out}")
     return 0
