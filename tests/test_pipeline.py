@@ -154,7 +154,8 @@ def test_list_json_is_the_full_resolved_config(capsys):
     ("06_dakl_ensemble.dakl_rs=many", "dakl_rs='many': expected comma-separated numbers"),
     ("exp=x", "use --exp NAME"),
 ])
-def test_bad_set_values_fail_before_anything_runs(override, message, capsys):
+def test_bad_set_values_fail_before_anything_runs(override, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("REVSD_WORKING", str(tmp_path))  # an empty working dir: nothing may appear in it
     assert cli.main(["pipeline", "--profile", "smoke", "--set", override, "--list"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err

@@ -260,10 +260,12 @@ def test_failed_run_never_blocks_its_corrected_rerun(prepared_exp):
 
 def test_lam_is_only_the_loss_weight(prepared_exp):
     """vocab_head switches the vocabulary head; lam=0 keeps it (trained without its loss)."""
-    cfg = train.TrainConfig(exp=prepared_exp, smoke=True, tiny=True, epochs=1, lam=0.0, vocab_size=8, num_workers=1)
+    cfg = train.TrainConfig(exp=prepared_exp, smoke=True, tiny=True, epochs=1, lam=0.0, vocab_size=8, num_workers=1,
+                            run="lam0_keeps_head")  # its own run: the default name is another test's run
+    assert train.run_name(cfg.replace(run="")) == "effnet_lite0_cfg2_f-1_s0"  # the variant of a vocabulary head
     run_dir = train.run(cfg)
     m = train.load_metrics(run_dir)
-    assert run_dir.name == "effnet_lite0_cfg2_f-1_s0" and m["vocab_size"] == 8 and m["lam"] == 0.0
+    assert m["variant"] == "cfg2" and m["vocab_size"] == 8 and m["lam"] == 0.0
     assert artifacts.load_predictions(run_dir / "preds_test.npz").probs.shape[1] == 8
 
 

@@ -218,6 +218,8 @@ def test_03_train_encodes_each_image_once_over_three_epochs(prepared_exp, _isola
                 cap.read_text().splitlines() if cap.exists() else [])
 
     monkeypatch.setattr(ue.UNetEncoder, "encode_latents", counting)
+    shutil.rmtree(_isolated_working / "latents" / "tiny-32", ignore_errors=True)  # caches other tests filled
+    (_isolated_working / "captions" / f"{ue.TINY_BLIP_ID}.jsonl").unlink(missing_ok=True)  # (recomputed on use)
     latents0, captions0 = caches()
     cfg = train.TrainConfig(exp=prepared_exp, run="unet-cache", backbone="unet_enc", mode="finetune", tiny=True,
                             pretrained=False, smoke=True, epochs=3, batch_size=8, num_workers=1)

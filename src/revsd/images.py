@@ -67,6 +67,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def return_big_buffers_to_os() -> None:
+    """glibc only: serve allocations of 1 MiB and more with mmap, so a decoded image's pixels go back to the OS
+    as soon as they are freed instead of staying in a thread's malloc arena (bounds a long batch's peak RSS).
+    A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed, no longer adaptive)
+    except (OSError, AttributeError):
+        pass
+
+
 def shrink_factor(size: tuple[int, int], min_side: int | None) -> int:
     """Largest integer reduction that keeps the shorter side ≥ ``DECODE_MARGIN × min_side`` (1: keep as is)."""
     return max(1, min(size) // (DECODE_MARGIN * min_side)) if min_side else 1

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from revsd import domain, metadata, paths, runs
 from revsd.artifacts import write_text
-from revsd.images import ImageError, open_rgb, scan_images
+from revsd.images import ImageError, open_rgb, return_big_buffers_to_os, scan_images
 from revsd.retrieval import (
     PromptBank,
     TextChooser,
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("revsd predict: " + NO_MODEL_HELP.format(where=f"{paths.working_dir()}/{{{','.join(runs.RUN_STAGES)}}}"))
         return 1
     out, written = Path(args.out), [0]
+    return_big_buffers_to_os()
     try:
         return _run(args, files, skipped_txt, model_dir, out, written)
     except KeyboardInterrupt:

@@ -3,8 +3,8 @@
 For each model: where it would load from (an explicit path from the step's configuration, ``$REVSD_WEIGHTS``, a
 packaged copy, or the hub id and whether its local cache holds it), found, size, and the steps that need it.
 Backbones come from the 03/04/05 steps (``weights`` key); ``unet_enc`` adds the SD ``unet``, ``vae``,
-``text_encoder`` + ``tokenizer`` (``sd_weights`` or ``weights``: an SD folder) and ``blip`` (``blip_weights``);
-``minilm`` is always needed (01's embedding dedup, 02's targets: TargetsConfig ``model``). Random-init
+``text_encoder`` + ``tokenizer`` (the step's ``weights``: an SD folder) and ``blip`` (``$REVSD_WEIGHTS`` or the
+hub cache); ``minilm`` is always needed (01's embedding dedup, 02's targets: TargetsConfig ``model``). Random-init
 (``pretrained: false``) and ``tiny`` steps need no weights. ``--check`` exits 1 when something is missing, with one
 line per model saying where to put it. Nothing is downloaded. Layout and the offline routes: docs/weights.md.
 """
@@ -46,9 +46,9 @@ def needs(profile) -> dict[tuple[str, str], list[str]]:
             continue
         backbone = cfg["backbone"]
         if backbone == "unet_enc":
-            for m in SD_MODELS:  # the SD folder: sd_weights, or the step's weights for this backbone
-                add(m, cfg.get("sd_weights") or cfg.get("weights", ""), step.name)
-            add("blip", cfg.get("blip_weights", ""), step.name)
+            for m in SD_MODELS:  # the SD folder: the step's weights for this backbone
+                add(m, cfg.get("weights", ""), step.name)
+            add("blip", "", step.name)
         elif MODELS.get(backbone) is not None:
             add(backbone, cfg.get("weights", ""), step.name)
     if not any(m == "minilm" for m, _ in out):
