@@ -134,3 +134,18 @@ def test_scan_follows_symlinked_folders_once_and_names_skips(tmp_path):
     assert sum("already listed" in w for w in why.values()) == 2  # the second link to a/, and a/up -> top
     files, skipped = scan_images([tmp_path / "top"])
     assert files == [] and {w for _, w in skipped} >= {"sub-folder (--recursive descends into it)"}
+
+
+def test_image_key_changes_when_the_file_does(tmp_path):
+    """The one key of every per-image cache (features, pixels, captions, latents)."""
+    import os
+
+    from revsd.images import image_key
+
+    f = tmp_path / "a.png"
+    f.write_bytes(b"12345")
+    k = image_key("a", f)
+    assert k.startswith("a|5|") and image_key("a", f) == k
+    os.utime(f, ns=(0, 1))
+    assert image_key("a", f) != k
+    assert image_key("x", tmp_path / "nope.png") == "x|missing"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from revsd import unet_encoder as ue
-from revsd.captions import image_key
+from revsd.images import image_key
 from revsd.images import list_images
 
 
@@ -108,14 +108,6 @@ def test_caption_cache_on_real_images(tmp_path, sample_images):
 
     again.captions(ids, files)  # only the 4th image is new
     assert again.captioner.blip_calls == 1 and len(again.captioner.cached()) == 4
-
-
-def test_caption_key_matches_the_feature_cache(sample_images):
-    from revsd.features import image_key as feature_key
-
-    ids, files = sample_images
-    assert [image_key(i, f) for i, f in zip(ids, files)] == [feature_key(i, f) for i, f in zip(ids, files)]
-    assert image_key("x", "/no/such/file.png") == feature_key("x", "/no/such/file.png")
 
 
 def test_edited_image_is_captioned_again(tmp_path, sample_images):
@@ -218,8 +210,11 @@ def test_03_train_encodes_each_image_once_over_three_epochs(prepared_exp, _isola
                 cap.read_text().splitlines() if cap.exists() else [])
 
     monkeypatch.setattr(ue.UNetEncoder, "encode_latents", counting)
+    from revsd import backbones
+
     shutil.rmtree(_isolated_working / "latents" / "tiny-32", ignore_errors=True)  # caches other tests filled
     (_isolated_working / "captions" / f"{ue.TINY_BLIP_ID}.jsonl").unlink(missing_ok=True)  # (recomputed on use)
+    monkeypatch.setattr(backbones, "_CAPTION_CONTEXTS", {})  # and their captioners, which remember captions
     latents0, captions0 = caches()
     cfg = train.TrainConfig(exp=prepared_exp, run="unet-cache", backbone="unet_enc", mode="finetune", tiny=True,
                             pretrained=False, smoke=True, epochs=3, batch_size=8, num_workers=1)

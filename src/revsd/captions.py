@@ -20,20 +20,11 @@ from typing import Sequence
 import torch
 
 from revsd import paths
-from revsd.images import ImageError, open_rgb
+from revsd.images import ImageError, image_key, open_rgb
 from revsd.weights import locate
 
 BLIP_ID = "Salesforce/blip-image-captioning-base"
 TINY_BLIP_ID = "tiny-random-blip"
-
-
-def image_key(image_id: str, path: str | Path) -> str:
-    """``image_id|size|mtime_ns`` — the same key as :func:`revsd.features.image_key` (a test keeps them equal)."""
-    try:
-        st = os.stat(path)
-        return f"{image_id}|{st.st_size}|{st.st_mtime_ns}"
-    except OSError:
-        return f"{image_id}|missing"
 
 
 def slug(s: str) -> str:

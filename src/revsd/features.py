@@ -11,7 +11,6 @@ records it, and a cache made with other preprocessing is refused rather than mix
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from revsd import paths
 from revsd.artifacts import atomic_path, read_json, write_json
 from revsd.backbones import Backbone, create_backbone, fuse_conv_bn, get_spec
+from revsd.images import image_key
 from revsd.transforms import iter_image_batches, to_batch
 
 
@@ -51,14 +51,6 @@ def _check_preprocess(directory: Path, preprocess: dict) -> None:
     if saved is not None and saved != preprocess:
         raise ValueError(f"{directory} holds features made with other preprocessing ({saved}, now {preprocess}): "
                          "delete that folder to re-extract")
-
-
-def image_key(image_id: str, path: str | Path) -> str:
-    try:
-        st = os.stat(path)
-        return f"{image_id}|{st.st_size}|{st.st_mtime_ns}"
-    except OSError:
-        return f"{image_id}|missing"
 
 
 def read_cache(directory: Path) -> dict[str, tuple[np.ndarray, bool, str]]:

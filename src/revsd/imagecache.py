@@ -10,7 +10,7 @@ Layout of a cache folder (e.g. ``working/imagecache/<backbone>-<size>/``)::
     shard-<hash>.npy             uint8 (n, H, W, 3), opened with mmap_mode="r"
     shard-<hash>.index.npz       keys (n,), valid (n,), errors (n,)  -- written last: a shard exists once it is
 
-Keys are ``image_id|file size|mtime_ns`` (as :func:`revsd.features.image_key`), so an edited file is decoded
+Keys are ``image_id|file size|mtime_ns`` (:func:`revsd.images.image_key`), so an edited file is decoded
 again; an image that cannot be read is stored as zeros with ``valid=False`` and its error message (reported,
 never dropped). Each :func:`build` call decodes only the images whose key is missing and adds one shard per
 ``shard_size`` images, each written atomically (temp file + rename).
@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from revsd.artifacts import atomic_path, read_json, write_json
-from revsd.images import ImageError, open_rgb
+from revsd.images import ImageError, image_key, open_rgb
 
 Preprocessor = Callable[..., np.ndarray]
 
@@ -57,15 +57,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def image_key(image_id: str, path: str | Path) -> str:
-    """``image_id|size|mtime_ns`` of the file (``image_id|missing`` when it cannot be stat'ed)."""
-    try:
-        st = os.stat(path)
-        return f"{image_id}|{st.st_size}|{st.st_mtime_ns}"
-    except OSError:
-        return f"{image_id}|missing"
 
 
 class ImageCache:

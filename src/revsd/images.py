@@ -67,6 +67,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def image_key(image_id: str, path: str | Path) -> str:
+    """``image_id|size|mtime_ns`` of the file (``image_id|missing`` when it cannot be stat'ed): the key of every
+    per-image cache (features, pixels, captions, latents), so an edited file is computed again."""
+    try:
+        st = os.stat(path)
+        return f"{image_id}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        return f"{image_id}|missing"
+
+
 def return_big_buffers_to_os() -> None:
     """glibc only: serve allocations of 1 MiB and more with mmap, so a decoded image's pixels go back to the OS
     as soon as they are freed instead of staying in a thread's malloc arena (bounds a long batch's peak RSS).
