@@ -116,7 +116,9 @@ def main(argv=None) -> int:
 
 `.venv/bin/python bench/bench_targets.py --prompts {n} --out {args.out}` (the first {n} real DiffusionDB prompts of
 input/prompts/; each path in a fresh process, model loading not timed; {os.cpu_count()} cores, load average
-{os.getloadavg()[0]:.1f} when it ended: the machine was shared with other jobs).
+{os.getloadavg()[0]:.1f} when it ended; above ~2 other jobs shared the cores and the seconds are pessimistic).
+The baseline is the code before issue 12 (spaCy's pipeline, one process); revsd.vocab runs spaCy's tagger
+batched in numpy, in one forked process per core (`vocab.lemmatize(workers=0)`).
 
 | prompts | baseline (spaCy pipeline) prompts/s | revsd.vocab prompts/s | speedup | labels identical | lemma lists identical |
 |---|---|---|---|---|---|

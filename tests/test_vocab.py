@@ -93,10 +93,13 @@ def test_fast_path_equals_spacy_pipeline_on_real_and_tricky_prompts():
         vocab.lemmatize([t])
         one_by_one.append(vocab._CACHE[t])
     vocab.clear_cache()
-    vocab.lemmatize(prompts, pos="ADJ,NOUN,VERB,PROPN", batch_size=256)
+    vocab.lemmatize(prompts, pos="ADJ,NOUN,VERB,PROPN", batch_size=256, workers=1)
     batched = [vocab._CACHE[t] for t in prompts]
+    vocab.clear_cache()
+    vocab.lemmatize(prompts, batch_size=256, workers=2)  # forked processes: the same, in the same order
+    forked = [vocab._CACHE[t] for t in prompts]
     reference = vocab.spacy_candidates(prompts)
-    assert batched == reference
+    assert batched == reference and forked == reference
     assert one_by_one == reference[-60:]
     assert sum(map(len, reference)) > 3000  # real content, not empty tuples
 

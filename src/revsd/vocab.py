@@ -21,6 +21,7 @@ speed and checks the labels against the spaCy pipeline (identical on every bench
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -295,10 +296,11 @@ def parse_pos(pos: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def lemmatize(texts: Sequence[str], pos: str | Sequence[str] = POS, batch_size: int = 4096,
-              progress: bool = False) -> list[list[str]]:
+              progress: bool = False, workers: int = 0) -> list[list[str]]:
     """Lower-cased lemmas of the words of each text whose tag is in ``pos`` (order and repeats kept).
 
-    Each distinct text is tagged once (cached); ``batch_size`` texts are tagged together.
+    Each distinct text is tagged once (cached); ``batch_size`` texts are tagged together, by ``workers`` forked
+    processes (0: the available cores; 1, fewer than two batches, or no ``fork``: this process).
     """
     keep = set(parse_pos(pos))
     texts = ["" if t is None else str(t) for t in texts]
@@ -306,12 +308,36 @@ def lemmatize(texts: Sequence[str], pos: str | Sequence[str] = POS, batch_size: 
     if todo:
         if len(_CACHE) + len(todo) > _CACHE_MAX:
             _CACHE.clear()
+        size = max(1, min(batch_size, -(-len(todo) // max(1, workers or _cores()))))
+        chunks = [todo[s:s + size] for s in range(0, len(todo), size)]
         with tqdm(total=len(todo), desc="lemmatize", disable=not progress) as bar:
-            for s in range(0, len(todo), batch_size):
-                chunk = todo[s:s + batch_size]
-                _CACHE.update(zip(chunk, _annotator()([t.lower() for t in chunk])))
+            for chunk, cands in zip(chunks, _annotate_all(chunks, workers or _cores())):
+                _CACHE.update(zip(chunk, cands))
                 bar.update(len(chunk))
     return [[lemma for lemma, tag in _CACHE[t] if tag in keep] for t in texts]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _annotate(chunk: list[str]) -> list[tuple[tuple[str, str], ...]]:
+    return _annotator()([t.lower() for t in chunk])
+
+
+def _annotate_all(chunks: list[list[str]], workers: int):
+    """Candidates per chunk, in order: in forked processes that inherit the loaded model when it pays."""
+    import multiprocessing as mp
+
+    _annotator()  # loaded before forking: the children share it
+    if workers < 2 or len(chunks) < 2 or "fork" not in mp.get_all_start_methods():
+        yield from map(_annotate, chunks)
+        return
+    with mp.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+        yield from pool.imap(_annotate, chunks)
 
 
 def clear_cache() -> None:
