@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_predict_memory.py --model working/03_train/demo/<run>
 
 1. ``revsd predict`` on 16 PNGs of 8000x8000 pixels (one batch of 16), each run in a fresh child process whose
-   peak RSS (``ru_maxrss``) is read when it exits: images decoded at full size (``min_side`` off: how predict
+   peak RSS (its own ``VmHWM``) is read when it exits: images decoded at full size (``min_side`` off: how predict
    decoded before) against decoded no larger than the model needs (``open_rgb(min_side=...)``, today's default),
    with and without reading the files' generation metadata. Goal: < 2.5 GiB.
 2. ``open_rgb`` on 8 JPEGs of 6000x4000: full decode against ``min_side`` (JPEG draft mode), seconds per image.
@@ -29,13 +29,16 @@ from PIL import Image
 
 from revsd.artifacts import write_text
 
+# VmHWM is this process's own high-water mark; ru_maxrss is not: Linux carries it over fork + exec, so a child
+# started by this (large) benchmark process would report at least the parent's RSS at the time of the fork.
 CHILD = """
-import resource, sys
+import sys
 from revsd import predict
 if sys.argv[1] == "full":
     predict.min_side = lambda predictor: None  # decode at full size, as predict did before
 code = predict.main(sys.argv[2:])
-print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("PEAK_KIB", hwm, file=sys.stderr)
 sys.exit(code)
 """
 
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
     cmd = " ".join([".venv/bin/python bench/bench_predict_memory.py", *(sys.argv[1:] if argv is None else argv)])
     md = (f"# bench_predict_memory\n\n`{cmd}` on {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at the end (other jobs share these CPUs); model {run.name}\n\n{table}\n\n"
-          "Peak RSS is each child process's own (`ru_maxrss` of the process running `revsd predict`). Reading the metadata "
+          "Peak RSS is each child process's own (`VmHWM` of the process running `revsd predict`; its `ru_maxrss` would include this benchmark's own RSS, which Linux carries over fork + exec). Reading the metadata "
           "of a PNG whose text chunks follow the pixel data makes Pillow decode the image once more "
           "(`revsd.metadata.read`).\n")
     print(md)

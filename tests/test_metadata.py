@@ -258,3 +258,47 @@ def test_unreadable_files_never_raise(tmp_path):
     (tmp_path / "trunc.png").write_bytes(good[: len(good) // 2])  # text chunk before IDAT survives
     r = metadata.read(tmp_path / "trunc.png")
     assert r.info is None or r.info["prompt"] == A1111_PROMPT
+
+
+def test_png_text_reads_every_text_chunk_without_decoding_pixels(tmp_path, monkeypatch):
+    """Chunks before and after the image data, plain / compressed / international, as Pillow reads them."""
+    import struct
+    import zlib
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20")
+    info.add_text("zipped", "long text " * 50, zip=True)
+    info.add_itxt("itxt", "ünïcode prompt", lang="en", tkey="t", zip=True)
+    f = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), "red").save(f, pnginfo=info)
+    raw = f.read_bytes()
+    after = b"prompt\0a dog after the pixels"  # a tEXt chunk after IDAT (ComfyUI-style writers do this)
+    chunk = struct.pack(">I", len(after)) + b"tEXt" + after + struct.pack(">I", zlib.crc32(b"tEXt" + after))
+    f.write_bytes(raw[:-12] + chunk + raw[-12:])  # before IEND
+
+    with Image.open(f) as im:
+        expected = dict(im.text)
+    monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
+    assert metadata.png_text(f) == expected
+    assert expected["prompt"] == "a dog after the pixels" and expected["itxt"] == "ünïcode prompt"
+
+
+def test_png_exif_user_comment_is_read_without_decoding_pixels(tmp_path, monkeypatch):
+    """A PNG carrying A1111 parameters in an eXIf chunk (Pillow's PNG getexif() would decode the pixels)."""
+    import struct
+    import zlib
+
+    exif = Image.Exif()
+    exif.get_ifd(metadata.EXIF_IFD)[metadata.USER_COMMENT] = user_comment(A1111)
+    data = exif.tobytes()
+    data = data[6:] if data.startswith(b"Exif\0\0") else data  # PNG's eXIf holds the bare TIFF structure
+    f = tmp_path / "e.png"
+    _pixels().save(f)
+    raw = f.read_bytes()  # the eXIf chunk after the image data, where Pillow must decode the pixels to see it
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    f.write_bytes(raw[:-12] + chunk + raw[-12:])
+    monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
+    r = metadata.read(f)
+    assert r.warning is None and r.info["prompt"] == A1111_PROMPT and r.info["tool"] == "a1111"

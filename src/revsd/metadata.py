@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +96,41 @@ def _xmp_texts(xmp) -> list[str]:
     return out
 
 
+def png_text(path: str | Path, limit: int = 1 << 24) -> dict[str, str]:
+    """Every tEXt / zTXt / iTXt chunk of a PNG, read by walking the chunks: unlike Pillow's ``im.text`` it never
+    decodes the pixels (an 8000² PNG would cost 256 MB). Compressed texts are cut at ``limit`` bytes. The raw
+    eXIf chunk, if any, comes back under the key ``"\0exif"``."""
+    out: dict[str, str] = {}
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return out
+        while len(head := f.read(8)) == 8:
+            size, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                out["\0exif"] = f.read(size).decode("latin-1")
+                f.seek(4, 1)
+                continue
+            if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+                if kind == b"IEND":
+                    break
+                f.seek(size + 4, 1)  # data + CRC
+                continue
+            data = f.read(size)
+            f.seek(4, 1)
+            key, _, rest = data.partition(b"\0")
+            if kind == b"tEXt":
+                text = rest.decode("latin-1")
+            elif kind == b"zTXt":
+                text = zlib.decompressobj().decompress(rest[1:], limit).decode("latin-1")
+            else:  # iTXt: compression flag, method, language tag \0, translated keyword \0, UTF-8 text
+                flag, rest = rest[:1], rest[2:]
+                rest = rest.split(b"\0", 2)[-1]
+                raw = zlib.decompressobj().decompress(rest, limit) if flag == b"\1" else rest
+                text = raw.decode("utf-8", "replace")
+            out[key.decode("latin-1")] = text
+    return out
+
+
 def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
     """Every text that may hold generation metadata, keyed as the tools name it; plus extraction problems."""
     found: dict[str, str] = {}
@@ -103,13 +140,21 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
             v = v.decode("utf-8", "replace")
         if isinstance(v, str) and k not in ("xmp", "XML:com.adobe.xmp"):
             found[k] = v
+    exif_png = None
     if im.format == "PNG":
         try:
-            found.update({k: str(v) for k, v in im.text.items()})  # tEXt/iTXt/zTXt after the image data too
+            texts = png_text(im.filename)  # tEXt/iTXt/zTXt after the image data too, pixels never decoded
+            exif_png = texts.pop("\0exif", None)
+            found.update(texts)
         except Exception as e:  # truncated data after the header chunks: keep what im.info had
             problems.append(f"text chunks after the image data unreadable ({type(e).__name__})")
     try:
-        exif = im.getexif()
+        if im.format == "PNG":  # Pillow's PNG getexif() decodes the pixels to look for an eXIf chunk after them
+            exif = Image.Exif()
+            if exif_png or im.info.get("exif"):
+                exif.load(exif_png.encode("latin-1") if exif_png else im.info["exif"])
+        else:
+            exif = im.getexif()
         comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
         if comment:
             found.setdefault("parameters", _decode_user_comment(comment).strip("\0 "))
