@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -58,6 +59,17 @@ def read_notebook(name: str):
     return nb
 
 
+class _FullConfigFilter(logging.Filter):
+    """The runner passes every field of the resolved config, most of them not in the notebook's parameters cell
+    (by design: the cell holds a few flat literals): papermill's "Passed unknown parameter" line is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+_QUIET = _FullConfigFilter()
+
+
 def execute_notebook(name: str, parameters: dict | None = None, output_dir: str | Path | None = None,
                      output_name: str | None = None, progress: bool = False) -> Path:
     """Run ``notebooks/<name>.py`` headless with papermill; returns the executed ``.ipynb`` path.
@@ -67,6 +79,7 @@ def execute_notebook(name: str, parameters: dict | None = None, output_dir: str 
     import jupytext
     import papermill as pm
 
+    logging.getLogger("papermill").addFilter(_QUIET)  # idempotent
     nb = read_notebook(name)
     out_dir = Path(output_dir) if output_dir else paths.working_dir() / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
