@@ -9,7 +9,7 @@ from a few hundred cluster centres plus noise (N training, M validation and M te
 its own noise level), ``metrics.json``, ``summary.csv`` and ``DONE``. Then runs stage 06 (``blend.run``, all
 runs, the stage's defaults unless ``--set key=value``) in a child process and prints one JSON line:
 ``{"train_rows", "runs", "seconds", "peak_rss_gib", ...}`` — seconds of the child's wall time, the child's
-peak RSS (``ru_maxrss`` of the waited-for child), the DAKL choice and scores beside them.
+peak RSS (its own ``VmHWM``), the DAKL choice and scores beside them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -81,7 +80,15 @@ def worker(exp: str, sets: list[str]) -> None:
     print(json.dumps({"dakl": res["dakl"], "final": res["final"], "dakl_fit": res["dakl_fit"],
                       "dakl_kmeans": res["dakl_kmeans"], "seconds_parts": res["seconds"],
                       "scores": {m: round(v["test"], 4) for m, v in res["scores"].items()},
-                      "dakl_oof": round(res["scores"]["dakl"]["oof"], 4)}))
+                      "dakl_oof": round(res["scores"]["dakl"]["oof"], 4),
+                      "peak_rss_gib": round(_own_peak_kib() / 2**20, 3)}))
+
+
+def _own_peak_kib() -> int:
+    """This process's own peak RSS (VmHWM). ``ru_maxrss`` would not do: Linux carries it over fork + exec, so the
+    worker would report at least the RSS the parent had when it started the worker."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def main(argv=None) -> int:
@@ -112,10 +119,9 @@ def main(argv=None) -> int:
         if res.returncode:
             print(res.stderr[-4000:], file=sys.stderr)
             return res.returncode
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (the largest child)
+    worker_out = json.loads(res.stdout.strip().splitlines()[-1])
     out = {"train_rows": args.train_rows, "runs": args.runs, "seconds": round(secs, 1),
-           "peak_rss_gib": round(peak, 3), "eval_rows": args.eval_rows, "set": args.set,
-           **json.loads(res.stdout.strip().splitlines()[-1])}
+           "peak_rss_gib": worker_out.pop("peak_rss_gib"), "eval_rows": args.eval_rows, "set": args.set, **worker_out}
     print(json.dumps(out))
     return 0
 
