@@ -291,3 +291,22 @@ def test_grad_checkpointing_changes_memory_not_results(prepared_exp):
 
     bb = create_backbone("vit_b16", pretrained=False, tiny=True)
     assert bb.set_grad_checkpointing(True) and bb.net.grad_checkpointing
+
+
+def test_finetune_reads_the_image_cache_and_gets_the_same_results(prepared_exp, monkeypatch):
+    """The one-time image cache (revsd.imagecache) feeds fine-tuning the very pixels decoding would."""
+    from revsd import imagecache, paths, transforms
+
+    base = dict(exp=prepared_exp, mode="finetune", backbone="effnet_lite0", tiny=True, pretrained=False, smoke=True,
+                epochs=1, batch_size=16, hidden=16, dropout=0.0, vocab_head=False, num_workers=1, device="cpu")
+    a = train.run(train.TrainConfig(**base, run="pix_decoded", image_cache=False))
+    b = train.run(train.TrainConfig(**base, run="pix_cached", image_cache=True))
+    np.testing.assert_array_equal(artifacts.load_predictions(a / "preds_test.npz").emb,
+                                  artifacts.load_predictions(b / "preds_test.npz").emb)
+    assert list((paths.working_dir() / "imagecache").glob("effnet_lite0-tiny-*/shard-*.npy"))
+
+    opened = []
+    for module in (imagecache, transforms):  # the two places that decode image files for training
+        monkeypatch.setattr(module, "open_rgb", lambda *a, **k: opened.append(a) or (_ for _ in ()).throw(OSError))
+    c = train.run(train.TrainConfig(**base, run="pix_cached_again", image_cache=True))  # nothing decoded again
+    assert opened == [] and (c / "DONE").exists()

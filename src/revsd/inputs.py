@@ -29,7 +29,9 @@ class Inputs:
         self.preprocess = self.spec.preprocessing(cfg.tiny)
         self.valid = np.ones(len(t), bool)
         self.errors: dict[str, str] = {}
-        self.feats = None
+        self.feats = self.cache = None
+        if cfg.mode == "finetune" and getattr(cfg, "image_cache", False):
+            self.cache, self.cache_row = self._image_cache(np.unique(rows))
         if cfg.mode == "frozen":
             rows = np.unique(rows)
             fs = features.extract(cfg.backbone, self.ids[rows], self.paths[rows], cfg.pretrained, cfg.tiny,
@@ -39,6 +41,33 @@ class Inputs:
             self.valid[rows] = fs.valid
             self.errors.update(fs.errors)
             self.dim = fs.feats.shape[1]
+
+    def _image_cache(self, rows: np.ndarray):
+        """Pixels of ``rows`` decoded and preprocessed once (``revsd.imagecache``), and each table row's cache row."""
+        import json
+        from functools import partial
+
+        from revsd import imagecache, paths
+        from revsd.transforms import pil_to_array
+
+        import hashlib
+
+        pp = self.preprocess
+        pp_id = json.dumps(pp.to_dict(), sort_keys=True)
+        name = f"{self.cfg.backbone}{'-tiny' if self.cfg.tiny else ''}-{pp.input_size}-" + \
+            hashlib.sha1(pp_id.encode()).hexdigest()[:8]  # one folder per preprocessing
+        cache = imagecache.build(paths.working_dir() / "imagecache" / name, self.ids[rows], self.paths[rows],
+                                 partial(pil_to_array, pp=pp), preprocess_id=pp_id,
+                                 shape=(pp.input_size, pp.input_size, 3))
+        where = np.full(len(self.ids), -1, dtype=np.int64)
+        where[rows] = cache.rows(self.ids[rows], self.paths[rows])
+        return cache, where
+
+    def _cached_batches(self, row_batches):
+        """``(arrays, errors)`` per batch, as ``iter_image_batches`` yields them, read from the image cache."""
+        for rows in row_batches:
+            got = [self.cache[int(self.cache_row[r])] for r in rows]
+            yield [a if ok else None for a, ok, _ in got], ["" if ok else e for _, ok, e in got]
 
     def _dict(self, rows, x, context=None) -> dict:
         rows = np.asarray(rows)
@@ -62,7 +91,8 @@ class Inputs:
             return
         pp = self.preprocess
         row_batches = [np.asarray(r, dtype=np.int64) for r in row_batches]
-        loaded = iter_image_batches([self.paths[r] for r in row_batches], pp, self.cfg.num_workers)
+        loaded = self._cached_batches(row_batches) if self.cache is not None else \
+            iter_image_batches([self.paths[r] for r in row_batches], pp, self.cfg.num_workers)
         for rows, (arrays, errs) in zip(row_batches, loaded):
             for r, e in zip(rows, errs):
                 if e:

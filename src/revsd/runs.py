@@ -22,7 +22,8 @@ from revsd.config import ConfigError
 
 RUN_STAGES = ("03_train", "05_curriculum")  # stages whose run directories hold trained models
 # TrainConfig fields that never change a result: two runs that differ only here are the same run
-NEUTRAL_FIELDS = ("run", "variant", "stop_after_epoch", "num_workers", "device", "compile", "grad_checkpointing")
+NEUTRAL_FIELDS = ("run", "variant", "stop_after_epoch", "num_workers", "device", "compile", "grad_checkpointing",
+                  "image_cache")
 SPLIT_FILES = {"train": "preds_train.npz", "oof": "preds_oof.npz", "test": "preds_test.npz"}  # a run's predictions
 CHECKPOINT = "last.json"  # the resume checkpoint's pointer (revsd.engine); present while a run can resume
 DATA_FILE = "data.json"  # fingerprint of the 01/02 outputs a run was trained on

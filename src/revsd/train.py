@@ -77,6 +77,7 @@ class TrainConfig(StageConfig):
     llrd: float = 1.0  # finetune: layer-wise lr decay per backbone layer bucket (1 disables)
     backbone_lr_scale: float = 0.1  # finetune: backbone lr relative to lr
     num_workers: int = 2  # image decoding threads
+    image_cache: bool = True  # finetune: decode + resize each image once into working/imagecache/, read it after
     device: str = ""  # empty is cuda when available, else cpu
     stop_after_epoch: int = 0  # testing: raise Interrupted after this epoch (0 never) to exercise resume
 
