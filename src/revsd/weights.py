@@ -128,7 +128,8 @@ def weights_file(path: Path, preferred: tuple = ()) -> Path:
             return path / name
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_EXTENSIONS)
     if len(files) != 1:
-        what = "no checkpoint file" if not files else f"{len(files)} checkpoint files ({', '.join(f.name for f in files)})"
+        names = ", ".join(f.name for f in files)
+        what = f"{len(files)} checkpoint files ({names})" if files else "no checkpoint file"
         raise ValueError(f"{path}: {what}; keep exactly one {'/'.join(WEIGHT_EXTENSIONS)} file there "
                          f"(preferred names: {', '.join(preferred) or 'any'})")
     return files[0]
@@ -195,8 +196,9 @@ def locate(model: str, explicit: str | os.PathLike = "", hub: str = "") -> Sourc
         if e.kind == "folder" and _looks_like_hub_id(explicit):
             return hub_source(model, _entry(model, explicit))
         path = Path(explicit).expanduser()
+        fix = f"{e.key}=" if e.key else "the path"
         return _local(model, e, path, "explicit") or Source(
-            model, str(path), True, False, None, "explicit", f"the path does not exist: fix {e.key + '=' if e.key else 'the path'} for {model}")
+            model, str(path), True, False, None, "explicit", f"the path does not exist: fix {fix} for {model}")
     root = weights_root()
     if root is not None and e.layout:
         src = _local(model, e, root / e.layout, f"${ENV}")
