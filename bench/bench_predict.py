@@ -117,7 +117,8 @@ def bench_model(run_dir: Path, n_images: int, batch: int) -> list[dict]:
     dt = time.perf_counter() - t
     rows.append({"part": "model", "what": f"revsd predict loop: decode + model + readable prompt, batch {batch}",
                  "value": f"{n / dt:.1f} images/s", "note": f"bank {len(bank):,} prompts + "
-                 f"{len(chooser.modifiers):,} modifier phrases, k=5, 2 greedy rounds"})
+                 f"{len(chooser.modifiers):,} modifier phrases, k=5, beam {chooser.beam} x {chooser.rounds} rounds "
+                 f"over the {chooser.pool} nearest bank prompts"})
     return rows
 
 
