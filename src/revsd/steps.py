@@ -11,7 +11,6 @@ where YAML 1.1 reads a string) and checked by the stage.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import re
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from revsd.config import ConfigError
+from revsd.config import typed
 
 # notebook -> the config dataclass its parameters map onto
 STAGE_CONFIGS = {
@@ -33,7 +32,6 @@ STAGE_CONFIGS = {
 }
 PROFILES_DIR = Path(__file__).parent / "profiles"
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")  # a file name that stays in its folder
-TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 class ProfileError(ValueError):
@@ -77,43 +75,6 @@ def plain_name(value, what: str) -> str:
         raise ProfileError(f"{what} {value!r} must be a plain name (letters, digits, '-', '_', '.', no '..'): "
                            "it names a folder under working/")
     return value
-
-
-# --- typed values ---------------------------------------------------------------------------------------------
-
-def typed(cls, key: str, value):
-    """``value`` as the type of ``cls``'s field ``key`` (bool, int, float or str); raises ConfigError otherwise.
-    Strings are parsed (``"1e-3"`` -> 0.001, ``"true"`` -> True); numbers become str for str fields."""
-    cls.check_keys([key])
-    f = next(f for f in dataclasses.fields(cls) if f.name == key)
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-    num = isinstance(value, (int, float)) and not isinstance(value, bool)
-    text = value.strip().lower() if isinstance(value, str) else None
-    try:
-        if kind == "bool":
-            if isinstance(value, bool) or (num and value in (0, 1)):
-                return bool(value)
-            if text in TRUE + FALSE:
-                return text in TRUE
-        elif kind == "int":
-            if num and float(value).is_integer():
-                return int(value)
-            if text is not None and text:
-                return int(text) if re.fullmatch(r"[+-]?\d+", text) else typed(cls, key, float(text))
-        elif kind == "float":
-            if num:
-                return float(value)
-            if text is not None:
-                return float(text)
-        elif kind == "str":
-            if isinstance(value, str) or num:
-                return str(value)
-        else:
-            return value  # a field type this runner does not know: passed through unchanged
-    except (ValueError, ConfigError):
-        pass
-    raise ConfigError(f"{key} must be {'an' if kind == 'int' else 'a'} {kind} ({cls.__name__}.{key}), got "
-                      f"{value!r}" + (" (quote it in YAML)" if kind == "str" else ""))
 
 
 def check_config(notebook: str, cfg) -> None:

@@ -31,7 +31,7 @@ import pandas as pd
 from revsd import distributed, paths, runs
 from revsd.artifacts import read_json
 from revsd.backbones import get_spec
-from revsd.config import ConfigError, StageConfig
+from revsd.config import ConfigError, StageConfig, typed
 from revsd.trainer import Schedule, Trainer
 from revsd.variants import PLAIN, head_config
 
@@ -257,21 +257,13 @@ def metrics_table(exp: str, stage: str = STAGE) -> pd.DataFrame:
 # --- command line ---------------------------------------------------------------------------------------------
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["epochs=5", "tiny=true"]`` -> typed TrainConfig fields (types from the defaults)."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    """``["epochs=5", "tiny=true"]`` -> typed TrainConfig fields (``revsd.config.typed``, as the runner's ``--set``)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"expected key=value, got {pair!r}")
-        TrainConfig.check_keys([key])
-        default = fields[key].default
-        if isinstance(default, bool):
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ConfigError(f"{key}: expected true/false, got {value!r}")
-            out[key] = value.lower() in ("1", "true", "yes")
-        else:
-            out[key] = type(default)(value)
+        out[key] = typed(TrainConfig, key, value)
     return out
 
 
