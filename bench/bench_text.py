@@ -29,14 +29,15 @@ import torch
 from revsd import paths, predict, retrieval, targets
 from revsd.artifacts import load_predictions, write_text
 from revsd.images import open_rgb
-from revsd.retrieval import Readable, _join
+from revsd.textsearch import Readable, _join
 
 
 class GreedyChooser(retrieval.TextChooser):
     """The chooser before issue 13 (k bank neighbours, words, 2 greedy rounds of 8 modifiers), kept to compare."""
 
     def __init__(self, bank, modifiers=None, k=5, rounds=2, per_round=8, max_words=6, model=""):
-        super().__init__(bank, modifiers, k=k, rounds=rounds, per_round=per_round, max_words=max_words, model=model)
+        super().__init__(bank, modifiers, k=k, rounds=rounds, per_round=per_round, max_words=max_words, model=model,
+                         bf16=False)  # float32 encoding, as it was
 
     def __call__(self, emb: np.ndarray, words: Sequence[Sequence[str]] | None = None) -> list[Readable]:
         emb = np.atleast_2d(np.asarray(emb, dtype=np.float32))

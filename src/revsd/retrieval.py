@@ -9,13 +9,8 @@ Default bank (``working/banks/default/``): the 18k real DiffusionDB prompts in
 of that experiment's ``split == "train"`` rows (``working/banks/train_<exp>/``). Validation and test prompts
 never enter a bank, so the held-out text report (:func:`revsd.predict.evaluate_text`) cannot look the answer up.
 
-Readable prompt (:class:`TextChooser`): candidates are the nearest bank prompts (scored from their stored
-embeddings), the vocabulary head's confident words alone and appended to the nearest prompts, then a short beam
-search that extends the best texts with the phrases (``input/modifiers/``: artists, mediums, movements,
-trendings, frequent DiffusionDB phrases; and the parts of the nearest prompts) that best fill the residual to
-the predicted embedding, or drops one of their parts. The chosen text is the candidate whose OWN MiniLM
-embedding has the highest cosine to the predicted embedding; candidates are batch-encoded, the result is
-deterministic. ``bench/bench_text.py`` measures it against the previous greedy chooser.
+Readable prompts: :class:`TextChooser` (in :mod:`revsd.textsearch`, re-exported here) searches bank prompts and
+modifier phrases (:func:`modifier_bank`) for the text whose own MiniLM embedding is closest to a predicted one.
 """
 
 from __future__ import annotations
@@ -36,6 +31,7 @@ from tqdm.auto import tqdm
 
 from revsd import paths
 from revsd.artifacts import read_json, save_npy, save_parquet, write_json
+from revsd.textsearch import Readable, TextChooser, _join, _segments  # noqa: F401  (re-exported)
 
 IVF_MIN = 1_000_000  # banks at least this large get an IVF index (approximate, much faster to search)
 ENCODE_CHUNK = 4096  # prompts per encode call while building a bank (one tqdm step each)
@@ -235,123 +231,6 @@ def modifier_phrases() -> list[str]:
 def modifier_bank(model: str = "") -> PromptBank:
     """Modifier phrases as a bank, cached under ``working/banks/modifiers/``."""
     return _cached_bank("modifiers", modifier_phrases, ["modifiers/"], model)
-
-
-@dataclass
-class Readable:
-    """The chosen text for one image, its cosine to the predicted embedding, and what was considered."""
-
-    prompt: str
-    cosine: float
-    neighbors: list[tuple[str, float]]
-    candidates: dict[str, float]
-
-
-def _join(base: str, extra: Sequence[str]) -> str:
-    """``base, extra1, extra2`` with extras already contained in ``base`` (case-insensitive) left out."""
-    low = base.lower()
-    add = [e for e in extra if e.lower() not in low]
-    return ", ".join([base, *add]) if add and base else ", ".join(add) or base
-
-
-def _segments(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if len(s.strip()) > 1]
-
-
-class TextChooser:
-    """Pick, per predicted embedding, the candidate text whose own MiniLM embedding is closest to it.
-
-    Candidates: the ``pool`` nearest bank prompts (scored from the bank's stored embeddings, no encoding), the
-    vocabulary words alone and appended to the ``k`` nearest, then ``rounds`` of beam search: each of the
-    ``beam`` best texts is extended by the ``per_round`` phrases that best fill what it misses (highest cosine
-    to the residual, the target minus its projection on the text's embedding) and shortened by each of its
-    comma-separated parts. Phrases: the ``phrases`` modifier phrases nearest the target plus the parts of the
-    nearest bank prompts. Every new text is batch-encoded (cached); the result is deterministic.
-    """
-
-    def __init__(self, bank: PromptBank, modifiers: PromptBank | None = None, k: int = 5, rounds: int = 3,
-                 per_round: int = 6, max_words: int = 6, model: str = "", pool: int = 64, beam: int = 2,
-                 phrases: int = 48):
-        self.bank, self.modifiers, self.k, self.rounds = bank, modifiers, k, rounds
-        self.per_round, self.max_words, self.model = per_round, max_words, model
-        self.pool, self.beam, self.phrases = max(pool, k), beam, phrases
-        self._cache: dict[str, np.ndarray] = {}
-
-    def _embed(self, texts) -> None:
-        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if new:
-            self._cache.update(zip(new, encode(new, self.model)))
-
-    def _score(self, pending: list[dict[str, None]], emb: np.ndarray, cands: list[dict[str, float]]) -> None:
-        self._embed([t for p in pending for t in p])
-        for i, texts in enumerate(pending):
-            for t in texts:
-                if t not in cands[i]:
-                    cands[i][t] = float(self._cache[t] @ emb[i])
-
-    def _phrase_pool(self, emb: np.ndarray, neighbors: list[list[tuple[str, float]]]):
-        """Per image: phrase texts and their embeddings (modifiers nearest the target + neighbour parts)."""
-        texts = [[] for _ in emb]
-        vecs = [[] for _ in emb]
-        if self.modifiers is not None and self.phrases > 0:
-            _, midx = self.modifiers.search(emb, self.phrases)
-            for i, row in enumerate(midx):
-                row = row[row >= 0]
-                texts[i] += [self.modifiers.prompts[j] for j in row]
-                vecs[i].append(self.modifiers.emb[row])
-        parts = [list(dict.fromkeys(s for p, _ in nb[: self.k] for s in _segments(p))) for nb in neighbors]
-        self._embed([s for ps in parts for s in ps])
-        for i, ps in enumerate(parts):
-            texts[i] += ps
-            vecs[i].append(np.stack([self._cache[s] for s in ps]) if ps else np.zeros((0, emb.shape[1]), np.float32))
-        return texts, [np.concatenate(v) if v else np.zeros((0, emb.shape[1]), np.float32) for v in vecs]
-
-    def _moves(self, text: str, target: np.ndarray, phrases: list[str], pvecs: np.ndarray) -> list[str]:
-        """Extensions by the phrases nearest the residual, and the text with one part left out."""
-        e = self._cache.get(text)
-        resid = target - (target @ e) * e if e is not None else target
-        low = text.lower()
-        order = np.argsort(-(pvecs @ resid), kind="stable") if len(pvecs) else []
-        ext = [_join(text, [phrases[j]]) for j in order if phrases[j].lower() not in low][: self.per_round]
-        parts = _segments(text)
-        cut = [", ".join(parts[:j] + parts[j + 1:]) for j in range(len(parts))] if len(parts) > 1 else []
-        return ext + cut
-
-    def __call__(self, emb: np.ndarray, words: Sequence[Sequence[str]] | None = None) -> list[Readable]:
-        """``emb`` (n, 384) predicted embeddings; ``words[i]``: image i's confident words, most probable first."""
-        emb = np.atleast_2d(np.asarray(emb, dtype=np.float32))
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        n = len(emb)
-        words = [list(w)[: self.max_words] for w in (words or [[]] * n)]
-        scores, idx = self.bank.search(emb, self.pool)
-        pooled = [[(self.bank.prompts[j], float(s)) for s, j in zip(srow, irow) if j >= 0]
-                  for srow, irow in zip(scores, idx)]
-        neighbors = [nb[: self.k] for nb in pooled]
-        cands: list[dict[str, float]] = [dict(nb) for nb in pooled]
-        for row in idx:  # bank prompts come with their embeddings: no encoding when a move starts from one
-            self._cache.update((self.bank.prompts[j], self.bank.emb[j]) for j in row[row >= 0])
-        pending = [dict.fromkeys([_join("", w)] * bool(w) + [_join(p, w) for p, _ in nb if w])
-                   for nb, w in zip(neighbors, words)]
-        self._score(pending, emb, cands)
-        if self.rounds > 0:
-            phrases, pvecs = self._phrase_pool(emb, pooled)
-            beams = [sorted(c, key=c.get, reverse=True)[: self.beam] for c in cands]
-            for _ in range(self.rounds):
-                self._embed([b for bs in beams for b in bs])
-                pending = [dict.fromkeys(t for b in bs for t in self._moves(b, emb[i], phrases[i], pvecs[i])
-                                         if t and t != b) for i, bs in enumerate(beams)]
-                self._score(pending, emb, cands)
-                new_beams = [sorted(c, key=c.get, reverse=True)[: self.beam] for c in cands]
-                if new_beams == beams:
-                    break
-                beams = new_beams
-        out = []
-        for nb, c in zip(neighbors, cands):
-            top = max(c, key=c.get)
-            out.append(Readable(top, c[top], nb, c))
-        if len(self._cache) > 50_000:
-            self._cache.clear()
-        return out
 
 
 def main(argv: list[str] | None = None) -> int:
