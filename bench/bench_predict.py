@@ -13,7 +13,8 @@
    prompt over the default bank and the modifier phrases).
 3. Text report on the held-out test split (``revsd.predict.evaluate_text``).
 4. Domain guard (``revsd.domain``): share of the run's val/test images in domain and their mean cosine to the
-   truth (model, guarded, the constant prior), and the in_domain of scikit-image's real photos (if installed).
+   truth (model; guarded towards the broad prior and towards the image-conditioned prior of ``revsd.prior``, as
+   ``revsd predict`` does; the two priors alone), and the in_domain of scikit-image's real photos (if installed).
 """
 
 from __future__ import annotations
@@ -128,25 +129,28 @@ SKIMAGE_PHOTOS = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png", "c
 
 
 def bench_guard(run_dir: Path) -> list[dict]:
-    from revsd import domain, targets
+    from revsd import domain, prior, targets
 
     pred = predict.load_predictor(run_dir)
     side = predict.min_side(pred)
     g = domain.load_or_fit(run_dir, pred, side)
-    prior = domain.bank_prior(retrieval.default_bank(run_dir.parent.name).emb)
+    bank = retrieval.default_bank(run_dir.parent.name)
+    broad, image_prior = domain.bank_prior(bank.emb), prior.ImagePrior.for_run(pred.spec, bank)
     ts = targets.load(run_dir.parent.name)
     rows = []
     for split in ("val", "test"):
         r = ts.rows(split)
-        emb, _, feats = pred.predict([open_rgb(p, min_side=side) for p in ts.table["image_path"].to_numpy()[r]],
-                                     with_features=True)
+        imgs = [open_rgb(p, min_side=side) for p in ts.table["image_path"].to_numpy()[r]]
+        emb, _, feats = pred.predict(imgs, with_features=True)
         ind = g.in_domain(feats)
-        cos = {k: float((e * ts.emb[r]).sum(1).mean()) for k, e in
-               (("model", emb), ("guarded", domain.guard(emb, ind, prior)), ("prior", prior[None, :]))}
+        cos = {"model": emb, "guarded (broad prior)": domain.guard(emb, ind, broad), "broad prior": broad[None, :]}
+        if image_prior is not None:
+            pri = image_prior(imgs, feats)
+            cos.update({"guarded (image prior)": domain.guard(emb, ind, pri), "image prior": pri})
         rows.append({"part": "guard", "what": f"{split} split ({len(r)} images): in domain (in_domain ≥ "
                      f"{domain.OUT_OF_DOMAIN}) / untouched (= 1)", "value": f"{(ind >= domain.OUT_OF_DOMAIN).mean():.1%}"
                      f" / {(ind >= 1).mean():.1%}", "note": "mean cosine to truth: " + ", ".join(
-                         f"{k} {v:.4f}" for k, v in cos.items())})
+                         f"{k} {float((e * ts.emb[r]).sum(1).mean()):.4f}" for k, e in cos.items())})
     try:
         import skimage.data
     except ImportError:
@@ -154,11 +158,13 @@ def bench_guard(run_dir: Path) -> list[dict]:
     photos = [open_rgb(Path(skimage.data.__file__).parent / n, min_side=side) for n in SKIMAGE_PHOTOS]
     emb, _, feats = pred.predict(photos, with_features=True)
     ind = g.in_domain(feats)
-    near = domain.guard(emb, ind, prior) @ prior
+    pri = image_prior(photos, feats) if image_prior is not None else np.broadcast_to(broad, emb.shape)
+    near = (domain.guard(emb, ind, pri) * pri).sum(1)
+    which = "image-conditioned prior" if image_prior is not None else "broad prior"
     rows.append({"part": "guard", "what": f"{len(photos)} scikit-image photos: out of domain", "value":
                  f"{(ind < domain.OUT_OF_DOMAIN).sum()} of {len(photos)}", "note": "in_domain / cosine of the guarded "
-                 "embedding to the prior: " + ", ".join(f"{n.split('.')[0]} {i:.2f}/{c:.3f}"
-                                                        for n, i, c in zip(SKIMAGE_PHOTOS, ind, near))})
+                 f"embedding to the {which}: " + ", ".join(f"{n.split('.')[0]} {i:.2f}/{c:.3f}"
+                                                          for n, i, c in zip(SKIMAGE_PHOTOS, ind, near))})
     return rows
 
 

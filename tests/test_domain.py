@@ -1,5 +1,6 @@
 """The domain guard (issue 13): real photos from scikit-image are out of the demo sample's domain and get the
-prior; the sample's held-out test split stays in domain and keeps its score."""
+prior (the broad one, and through ``revsd predict`` the image-conditioned one of ``revsd.prior``); the sample's
+held-out test split stays in domain and keeps its score."""
 
 from __future__ import annotations
 
@@ -98,3 +99,36 @@ def test_real_photos_get_the_prior_and_the_test_split_keeps_its_score(demo_like_
     truth = ts.emb[rows]
     assert (ind >= domain.OUT_OF_DOMAIN).mean() >= 0.95
     assert abs(float((guarded * truth).sum(1).mean()) - float((emb * truth).sum(1).mean())) <= 0.002
+
+
+def test_predict_moves_out_of_domain_photos_to_their_image_prior(demo_like_run, tmp_path, capsys):
+    """End to end through the CLI: out-of-domain photos get (within 0.98) their image-conditioned prior, which
+    differs per photo; in-domain sample images keep the model's embedding."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from revsd import paths, prior
+    from revsd.images import open_rgb
+    from revsd.retrieval import build_bank, load_bank, read_prompt_table
+
+    prompts = read_prompt_table(paths.input_dir() / "prompts" / "diffusiondb_prompts.parquet")[::30]
+    build_bank(prompts, tmp_path / "bank", progress=False)
+    folder = Path(skimage_data.__file__).parent
+    sample = sorted((paths.input_dir() / "sample" / "images").rglob("*.jpg"))[:4]
+    files = [folder / n for n in SKIMAGE_PHOTOS] + sample
+    out = tmp_path / "preds.jsonl"
+    assert predict.main([*map(str, files), "--model", str(demo_like_run), "--bank", str(tmp_path / "bank"),
+                         "--out", str(out)]) == 0
+    assert "moved towards the image-conditioned prior" in capsys.readouterr().err
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    pred = predict.load_predictor(demo_like_run)
+    p = prior.ImagePrior.for_run(pred.spec, load_bank(tmp_path / "bank"))
+    assert p.uses_run_features  # the frozen Lite2 run's own features feed the classifier
+    photos = [open_rgb(f, min_side=predict.min_side(pred)) for f in files[:len(SKIMAGE_PHOTOS)]]
+    want = p(photos, pred.predict(photos, with_features=True)[2])
+    outside = [i for i, r in enumerate(recs[:len(SKIMAGE_PHOTOS)]) if r["in_domain"] < domain.OUT_OF_DOMAIN]
+    assert len(outside) >= len(SKIMAGE_PHOTOS) - 1  # astronaut.png: see the test above
+    got = np.array([recs[i]["embedding"] for i in outside])
+    assert ((got * want[outside]).sum(1) >= 0.98).all()
+    assert (want[outside] @ want[outside].T).min() < 0.99  # one prior per image, not one constant
+    for r in recs[len(SKIMAGE_PHOTOS):]:
+        if r["in_domain"] == 1:
+            np.testing.assert_allclose(r["embedding"], r["model_embedding"], atol=1e-6)

@@ -95,9 +95,11 @@ class DomainGuard:
 
 
 def guard(emb: np.ndarray, in_domain: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """``normalize(w · emb + (1 − w) · prior)`` row-wise, ``w`` = in_domain."""
+    """``normalize(w · emb + (1 − w) · prior)`` row-wise, ``w`` = in_domain; ``prior`` (D,) one for all images or
+    (n, D) one per image (``revsd.prior``)."""
     w = np.asarray(in_domain, dtype=np.float32)[:, None]
-    return _unit(w * _unit(emb) + (1.0 - w) * _unit(prior)[None, :])
+    p = _unit(prior)
+    return _unit(w * _unit(emb) + (1.0 - w) * (p[None, :] if p.ndim == 1 else p))
 
 
 def bank_prior(bank_emb: np.ndarray) -> np.ndarray:

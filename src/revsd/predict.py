@@ -11,7 +11,8 @@ read by ``revsd.metadata``; ``"model"``: the readable prompt closest to ``embedd
 file carries: prompt, negative_prompt, model, seed, steps, sampler, cfg, width, height, tool; null when none);
 ``embedding`` (384 floats: the metadata prompt's MiniLM embedding, else the guarded model embedding);
 ``model_embedding`` (the model's own); ``in_domain`` (0-1: how much the image looks like the run's training
-images; below 1 the model embedding is moved towards the prompt bank's mean, see ``revsd.domain``; null without
+images; below 1 the model embedding is moved towards the image-conditioned prior of ``revsd.prior``, or the
+prompt bank's mean with ``--broad-prior`` or without the packaged classifier, see ``revsd.domain``; null without
 a guard); ``prompt_cosine`` (cosine of the prompt's own MiniLM embedding to ``embedding``); ``neighbors``
 [{prompt, cosine}]; ``words`` [{word, prob}]; ``warning`` (null, or e.g. a malformed metadata chunk) and
 ``error`` (null, or why this file failed; the other fields are then null/empty). A bad file never stops the batch.
@@ -33,7 +34,6 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,8 +42,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from revsd import domain, metadata, paths, runs
-from revsd.artifacts import write_text
 from revsd.images import ImageError, open_rgb, return_big_buffers_to_os, scan_images
+from revsd.prior import ImagePrior
 from revsd.retrieval import (
     PromptBank,
     TextChooser,
@@ -52,6 +52,7 @@ from revsd.retrieval import (
     load_bank,
     modifier_bank,
 )
+from revsd.sidecars import sidecar_paths, write_sidecar
 
 NO_MODEL_HELP = ("no trained model found under {where}: train one with `make demo` "
                  "(or `revsd pipeline --profile demo`), or pass --model RUN_DIR")
@@ -118,7 +119,8 @@ def predict_records(predictor, files: Sequence[Path], chooser: TextChooser | Non
                     prior: np.ndarray | None = None, read_metadata: bool = True) -> Iterator[list[dict]]:
     """Yield one list of JSON-ready records per batch of ``files`` (input order; failures carry ``error``).
 
-    ``guard`` + ``prior``: give ``in_domain`` and move out-of-domain embeddings towards ``prior``.
+    ``guard`` + ``prior``: give ``in_domain`` and move out-of-domain embeddings towards ``prior`` (a vector, or
+    ``prior(images, feats) -> (n, D)``: ``revsd.prior.ImagePrior``).
     ``read_metadata``: use the exact prompt a file carries (``prompt_source: "metadata"``)."""
     side = min_side(predictor)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -138,12 +140,23 @@ def predict_records(predictor, files: Sequence[Path], chooser: TextChooser | Non
             yield recs
 
 
+def _priors(prior, imgs, feats, ind) -> np.ndarray:
+    """``prior`` itself (a vector), or the image prior of each image the guard moves (in_domain < 1; zeros else)."""
+    if not callable(prior):
+        return prior
+    out = np.zeros((len(imgs), len(prior.broad)), np.float32)
+    need = np.flatnonzero(ind < 1)
+    if len(need):
+        out[need] = prior([imgs[i] for i in need], feats[need])
+    return out
+
+
 def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, prior) -> None:
     imgs = [img for img, _, _ in loaded]
     if guard is not None:
         raw, probs, feats = predictor.predict(imgs, batch_size=batch_size, with_features=True)
         ind = guard.in_domain(feats)
-        emb = domain.guard(raw, ind, prior)
+        emb = domain.guard(raw, ind, _priors(prior, imgs, feats, ind))
     else:
         (raw, probs), ind = predictor.predict(imgs, batch_size=batch_size), None
         emb = raw.copy()
@@ -162,37 +175,6 @@ def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, p
             r["neighbors"] = [{"prompt": p, "cosine": round(c, 5)} for p, c in texts[j].neighbors]
         if j in from_meta:
             r["prompt"], r["prompt_source"], r["prompt_cosine"] = infos[j]["prompt"], "metadata", 1.0
-
-
-# --- sidecars -----------------------------------------------------------------------------------------------------
-
-def sidecar_paths(files: Sequence[str | Path]) -> dict[str, Path]:
-    """``<stem>.txt`` per image; images sharing one (img.bmp, img.webp) get ``<name>.txt`` each instead."""
-    by_txt: dict[Path, list[Path]] = defaultdict(list)
-    for f in map(Path, files):
-        by_txt[f.with_suffix(".txt")].append(f)
-    out = {}
-    for txt, group in by_txt.items():
-        for f in group:
-            out[str(f)] = txt if len(group) == 1 else f.with_name(f.name + ".txt")
-    return out
-
-
-def write_sidecar(image: str | Path, text: str, mode: str = "keep", txt: str | Path | None = None) -> str:
-    """Write ``txt`` (default ``<image stem>.txt``); ``mode`` keep|overwrite|append.
-    Returns written|kept|overwritten|appended."""
-    txt = Path(txt) if txt else Path(image).with_suffix(".txt")
-    if txt.exists():
-        if mode == "keep":
-            return "kept"
-        if mode == "append":
-            old = txt.read_text()
-            write_text(txt, old + ("" if not old or old.endswith("\n") else "\n") + text + "\n")
-            return "appended"
-        write_text(txt, text + "\n")
-        return "overwritten"
-    write_text(txt, text + "\n")
-    return "written"
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -216,6 +198,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="score the model alone, even for files that carry their own prompt")
     ap.add_argument("--no-guard", action="store_true",
                     help="no domain guard: embedding = the model's own, in_domain null")
+    ap.add_argument("--broad-prior", action="store_true", help="guard towards the bank's mean embedding, not "
+                    "the image-conditioned prior (ImageNet classes -> bank prompts, revsd.prior)")
     ap.add_argument("--txt", action="store_true", help="write the prompt to <image>.txt next to each image")
     side = ap.add_mutually_exclusive_group()
     side.add_argument("--overwrite", action="store_true", help="with --txt: replace existing sidecars")
@@ -297,10 +281,11 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
     except (FileNotFoundError, KeyError, ValueError) as e:
         _say(f"revsd predict: cannot load the prompt bank: {e.args[0] if e.args else e}")
         return 1
-    guard = None
+    guard = image_prior = None
     if not args.no_guard:
         try:
             guard = domain.load_or_fit(model_dir, predictor, min_side(predictor))
+            image_prior = None if args.broad_prior else ImagePrior.for_run(getattr(predictor, "spec", None), bank)
         except Exception as e:  # no train/val rows for this run (e.g. a copied model): predict unguarded
             _say(f"revsd predict: no domain guard for {model_dir} ({_one_line(e)}); in_domain is null and "
                  "embeddings are the model's own (--no-guard silences this)")
@@ -313,7 +298,7 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
          f"prompts -> {out}")
     with open(out, "w") as f, tqdm(total=len(files), desc="predict", unit="img") as bar:
         for recs in predict_records(predictor, files, chooser, args.batch_size, args.word_threshold, guard=guard,
-                                    prior=domain.bank_prior(bank.emb), read_metadata=not args.ignore_metadata):
+                                    prior=image_prior or domain.bank_prior(bank.emb), read_metadata=not args.ignore_metadata):
             for r in recs:
                 if r["error"]:
                     failed.append(r)
@@ -334,7 +319,8 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
             written[0] += len(recs)
             bar.update(len(recs))
     dt = time.perf_counter() - t0
-    guarded = (f", {n_out} out of domain (in_domain < {domain.OUT_OF_DOMAIN}: moved towards the bank's mean)"
+    towards = "the image-conditioned prior" if image_prior else "the bank's mean"
+    guarded = (f", {n_out} out of domain (in_domain < {domain.OUT_OF_DOMAIN}: moved towards {towards})"
                if guard is not None else ", no domain guard")
     _say(f"revsd predict: {n_ok} ok, {len(failed)} failed{guarded}, {n_meta} prompt(s) from file metadata, "
          f"{len(files) / max(dt, 1e-9):.1f} images/s ({dt:.1f} s) -> {out}")
