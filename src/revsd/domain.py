@@ -13,7 +13,11 @@ on other images, and then a constant scores better than the model (issue 13). Th
   give ``z``; ``in_domain = min(1, P(Z ≥ z) / ALPHA)`` for a normal ``Z``: images up to the (1 − ALPHA)
   quantile of in-domain images keep exactly 1 (prediction untouched), beyond it the weight falls smoothly to 0;
 - **guard**: ``normalize(in_domain · model + (1 − in_domain) · prior)``, ``prior`` the mean embedding of the
-  prompt bank (the constant that beats an out-of-domain model).
+  prompt bank (the constant that beats an out-of-domain model) or, in ``revsd predict``, each image's
+  image-conditioned prior (``revsd.prior``).
+
+Alternatives compared on every demo run (``bench/bench_guard_scores.py``): Q with 16 components, Hotelling T²,
+k-NN, Ledoit-Wolf Mahalanobis, the ImageNet-logit view, their union and per-block channel statistics.
 
 Saved in the run folder as ``domain.npz`` (training mean, principal components, val scores) and ``domain.json``
 (calibration, the weights file it belongs to), written atomically; :func:`load_or_fit` computes them on first
