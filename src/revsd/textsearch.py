@@ -108,7 +108,7 @@ class TextChooser:
     best of those is chosen. ``candidates`` holds every score (float32 for bank prompts and re-scored texts).
     """
 
-    def __init__(self, bank, modifiers=None, k: int = 5, rounds: int = 3, per_round: int = 6, max_words: int = 6,
+    def __init__(self, bank, modifiers=None, k: int = 5, rounds: int = 2, per_round: int = 6, max_words: int = 6,
                  model: str = "", pool: int = 64, beam: int = 2, phrases: int = 48, swap: int = 3,
                  rescore: int = 2, bf16: bool | None = None):
         self.bank, self.modifiers, self.k, self.rounds = bank, modifiers, k, rounds
