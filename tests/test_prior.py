@@ -40,7 +40,7 @@ def small_bank():
     from revsd.retrieval import build_bank, read_prompt_table
 
     prompts = read_prompt_table(paths.input_dir() / "prompts" / "diffusiondb_prompts.parquet")
-    return build_bank(prompts[::6], progress=False)  # 3,000 real DiffusionDB prompts
+    return build_bank(prompts[::20], progress=False)  # 900 real DiffusionDB prompts
 
 
 def _spec(backbone, mode="frozen", tiny=False):
