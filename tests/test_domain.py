@@ -101,7 +101,7 @@ def test_real_photos_get_the_prior_and_the_test_split_keeps_its_score(demo_like_
     assert abs(float((guarded * truth).sum(1).mean()) - float((emb * truth).sum(1).mean())) <= 0.002
 
 
-def test_predict_moves_out_of_domain_photos_to_their_image_prior(demo_like_run, tmp_path, capsys):
+def test_predict_moves_out_of_domain_photos_to_their_image_prior(demo_like_run, tmp_path, capsys, monkeypatch):
     """End to end through the CLI: out-of-domain photos get (within 0.98) their image-conditioned prior, which
     differs per photo; in-domain sample images keep the model's embedding."""
     skimage_data = pytest.importorskip("skimage.data")
@@ -132,3 +132,20 @@ def test_predict_moves_out_of_domain_photos_to_their_image_prior(demo_like_run, 
     for r in recs[len(SKIMAGE_PHOTOS):]:
         if r["in_domain"] == 1:
             np.testing.assert_allclose(r["embedding"], r["model_embedding"], atol=1e-6)
+    # --broad-prior, or a prior that cannot be built: the guard moves towards the bank's mean instead
+    broad = domain.bank_prior(load_bank(tmp_path / "bank").emb)
+    photos_only = [str(f) for f in files[:3]]
+    assert predict.main([*photos_only, "--model", str(demo_like_run), "--bank", str(tmp_path / "bank"),
+                         "--out", str(out), "--broad-prior"]) == 0
+    assert "moved towards the bank's mean" in capsys.readouterr().err
+
+    def broken(*a, **k):
+        raise RuntimeError("no classifier here")
+
+    monkeypatch.setattr(predict.ImagePrior, "for_run", broken)
+    assert predict.main([*photos_only, "--model", str(demo_like_run), "--bank", str(tmp_path / "bank"),
+                         "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "no image-conditioned prior (RuntimeError: no classifier here)" in err and "bank's mean" in err
+    far = [r for r in map(json.loads, out.read_text().splitlines()) if r["in_domain"] < 0.05]
+    assert far and all(float(np.dot(r["embedding"], broad)) > 0.99 for r in far)  # chelsea.png at least

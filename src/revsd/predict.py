@@ -285,10 +285,14 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
     if not args.no_guard:
         try:
             guard = domain.load_or_fit(model_dir, predictor, min_side(predictor))
-            image_prior = None if args.broad_prior else ImagePrior.for_run(getattr(predictor, "spec", None), bank)
         except Exception as e:  # no train/val rows for this run (e.g. a copied model): predict unguarded
             _say(f"revsd predict: no domain guard for {model_dir} ({_one_line(e)}); in_domain is null and "
                  "embeddings are the model's own (--no-guard silences this)")
+    if guard is not None and not args.broad_prior:
+        try:
+            image_prior = ImagePrior.for_run(getattr(predictor, "spec", None), bank)
+        except Exception as e:  # the guard still works with the bank's mean
+            _say(f"revsd predict: no image-conditioned prior ({_one_line(e)}); guarding towards the bank's mean")
     mode = "overwrite" if args.overwrite else "append" if args.append else "keep"
     sidecars = sidecar_paths(files) if args.txt else {}
     out.parent.mkdir(parents=True, exist_ok=True)
