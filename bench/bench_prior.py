@@ -1,6 +1,6 @@
 """Calibrate the image-conditioned prior (``revsd.prior``) on real SD images with their exact prompts.
 
-    .venv/bin/python bench/bench_prior.py              # all 2,706 images of ../shared/data, writes bench/results/prior.md
+    .venv/bin/python bench/bench_prior.py              # all 2,706 images of ../shared/data -> bench/results/prior.md
     .venv/bin/python bench/bench_prior.py --images 300 # a seeded subset (quicker)
 
 For every image: the ImageNet class probabilities of the packaged EfficientNet-Lite0 (its own 224 px forward, the

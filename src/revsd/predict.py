@@ -301,8 +301,9 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
     _say(f"revsd predict: {len(files)} file(s), model {model_dir} ({predictor.backbone}), bank of {len(bank):,} "
          f"prompts -> {out}")
     with open(out, "w") as f, tqdm(total=len(files), desc="predict", unit="img") as bar:
+        prior = image_prior if image_prior is not None else domain.bank_prior(bank.emb)
         for recs in predict_records(predictor, files, chooser, args.batch_size, args.word_threshold, guard=guard,
-                                    prior=image_prior or domain.bank_prior(bank.emb), read_metadata=not args.ignore_metadata):
+                                    prior=prior, read_metadata=not args.ignore_metadata):
             for r in recs:
                 if r["error"]:
                     failed.append(r)
@@ -323,7 +324,7 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
             written[0] += len(recs)
             bar.update(len(recs))
     dt = time.perf_counter() - t0
-    towards = "the image-conditioned prior" if image_prior else "the bank's mean"
+    towards = "the image-conditioned prior" if image_prior is not None else "the bank's mean"
     guarded = (f", {n_out} out of domain (in_domain < {domain.OUT_OF_DOMAIN}: moved towards {towards})"
                if guard is not None else ", no domain guard")
     _say(f"revsd predict: {n_ok} ok, {len(failed)} failed{guarded}, {n_meta} prompt(s) from file metadata, "
