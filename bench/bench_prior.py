@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from bench_predict import markdown  # bench/ is on sys.path when this runs as a script
 
 from revsd import domain, prior, retrieval
 from revsd.artifacts import write_text
@@ -44,12 +45,6 @@ def class_probs(variant: str, images) -> np.ndarray:
             x = to_batch([pil_to_array(im, pp) for im in images[s:s + 64]], pp.mean, pp.std)
             out.append(torch.softmax(head(net(x)), -1).numpy())
     return np.concatenate(out)
-
-
-def md_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)])
 
 
 def main(argv=None) -> int:
@@ -85,9 +80,9 @@ def main(argv=None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     md = (f"# bench_prior\n\n`{cmd}` on {machine}: {len(images)} real SD 1.5 images ({args.pairs}), truth = "
           f"MiniLM of each exact prompt.\n\n## The defaults (neighbors {prior.NEIGHBORS}, top {prior.TOP}, beta "
-          f"{prior.BETA})\n\n{md_table(default)}\n\n## Best of the grid\n\n"
-          f"{md_table(best)}\n\n## Gain over the broad prior across the whole grid\n\n"
-          f"{md_table(spread)}\n\n## Whole grid\n\n{md_table(df)}\n")
+          f"{prior.BETA})\n\n{markdown(default.to_dict('records'))}\n\n## Best of the grid\n\n"
+          f"{markdown(best.to_dict('records'))}\n\n## Gain over the broad prior across the whole grid\n\n"
+          f"{markdown(spread.to_dict('records'))}\n\n## Whole grid\n\n{markdown(df.to_dict('records'))}\n")
     write_text(args.out, md)
     print(md[:4000])
     return 0

