@@ -100,8 +100,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--no-loop", action="store_true", help="skip the whole predict loop (chooser only)")
     ap.add_argument("--examples", type=int, default=6, help="example rows to print")
+    ap.add_argument("--chooser", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="TextChooser settings for the 'beam (now)' row, e.g. rounds=3 swap=5 (ints/floats)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "text.md"))
     args = ap.parse_args(argv)
+    settings = {k: float(v) if "." in v else int(v) for k, v in (kv.split("=", 1) for kv in args.chooser)}
     run_dir = Path(args.model) if args.model else predict.default_model_dir()
     if run_dir is None:
         print("no trained run: pass --model RUN_DIR (see the docstring)", file=sys.stderr)
@@ -123,7 +126,8 @@ def main(argv=None) -> int:
         predictor.predict([open_rgb(files[0])], batch_size=1)  # warm-up
     out, chosen = [], {}
     for name, make in [("greedy (before)", lambda: GreedyChooser(bank, mods, k=5)),
-                       ("beam (now)", lambda: retrieval.TextChooser(bank, mods, k=5))]:
+                       ("beam (now)" + "".join(f" {k}={v}" for k, v in settings.items()),
+                        lambda: retrieval.TextChooser(bank, mods, k=5, **settings))]:
         row, chosen[name] = measure(name, make, emb, words, truth, files, predictor, args.batch)
         print(row, flush=True)
         out.append(row)
