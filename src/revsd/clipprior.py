@@ -39,17 +39,13 @@ import numpy as np
 import torch
 
 from revsd import paths
+from revsd.domain import _unit, bank_prior
 from revsd.retrieval import PromptBank
 
 K, BETA = 20, 0.5
 ARCH, BACKBONE = "ViT-H-14", "clip_vit_h14"
 BATCH = 256  # prompts per text-tower forward
 STAMP_BYTES = 1 << 20  # bytes hashed at each end of the checkpoint for its content stamp
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # --- the checkpoint, from disk only ----------------------------------------------------------------------------
@@ -201,7 +197,6 @@ class ClipPrior:
 
     def __init__(self, text_emb: np.ndarray, bank: PromptBank, logit_scale: float = 100.0, k: int = K,
                  beta: float = BETA, scale: float | None = None, broad: np.ndarray | None = None):
-        from revsd.domain import bank_prior
 
         self.text_emb = np.ascontiguousarray(_unit(text_emb))
         if len(self.text_emb) != len(bank):

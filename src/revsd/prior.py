@@ -28,15 +28,11 @@ import numpy as np
 import torch
 
 from revsd import paths
+from revsd.domain import _unit, bank_prior
 from revsd.retrieval import PromptBank, encode
 
 NEIGHBORS, TOP, BETA = 10, 20, 0.3
 VARIANTS = {"effnet_lite0": "lite0", "effnet_lite2": "lite2"}  # run backbones that carry the ImageNet classifier
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def class_names() -> list[str]:
@@ -101,8 +97,6 @@ class ImagePrior:
         """The prior for a run (``revsd.inference.ModelSpec``; ``None``: an unknown model, classified by its own
         EfficientNet-Lite0), or ``None`` without the packaged classifier. A frozen CLIP run whose checkpoint is
         on disk gets ``revsd.clipprior.ClipPrior`` instead (image-text similarity to the bank prompts)."""
-        from revsd.domain import bank_prior
-
         if spec is not None and spec.backbone == "clip_vit_h14":  # CLIP's own image-text similarity, when local
             from revsd.clipprior import ClipPrior
 
