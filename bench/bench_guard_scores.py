@@ -7,8 +7,8 @@
 Per run (read only: nothing under working/ is written), the run's pooled features (``predict(with_features=True)``)
 of the demo's train / val / test images (``revsd.targets.load("demo")``), the 15 scikit-image photos
 (``bench_predict.SKIMAGE_PHOTOS``) and ``--other`` seeded held-out SD tiles (../shared/data, supagruen_sd15, not in
-the sample). Every score is fitted on train and calibrated like the guard on val (median / MAD ``z``,
-``in_domain = min(1, P(Z >= z) / alpha)``, out of domain below 0.5); the guarded test embeddings move towards the
+the sample) and ``independent_photos()``. Every other score is fitted on train and calibrated on val (median /
+MAD ``z``, ``in_domain = min(1, P(Z >= z) / alpha)``, out of domain below 0.5); the guarded test embeddings move towards the
 broad prior (``domain.bank_prior``, as bench_predict.py's guard rows). The Q64 row is ``domain.DomainGuard`` on the
 rows ``domain.fit_for_run`` uses (or the run's saved ``domain.npz``), i.e. what ``revsd predict`` computes.
 ``--layers RUN ...`` adds per-block channel statistics (default: one Lite2 and one Lite0 run). Scores and columns:
@@ -40,6 +40,7 @@ from bench_predict import SKIMAGE_PHOTOS, markdown
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "sd_images" / "supagruen_sd15"
 ASTRO = SKIMAGE_PHOTOS.index("astronaut.png")
+INDEPENDENT_SKIMAGE = ("ihc.png", "cell.png", "clock_motion.png", "microaneurysms.png")  # photos, not charts/drawings
 SCORES_DOC = """\
 - **Q64 (guard)**: `domain.DomainGuard`: norm of the residual of the unit-norm, centred features outside their top
   principal components (min(64, n_train // 3, n_features // 2) of them); the score `revsd predict` uses; **Q16**:
@@ -57,7 +58,13 @@ SCORES_DOC = """\
 Columns: *photos out* of 15 (in_domain < 0.5) and the names of those left in domain; *ast. in_domain*; *ast. pct*:
 share of the val / test / other-SD images scoring below the astronaut (%); *test in*: test images in domain;
 *Δ test cos*: mean cosine to the truth of the guarded minus the model's test embeddings; *other in*: other-SD images
-in domain. Requirement: 15/15 photos out, test in ≥ 95 %, |Δ test cos| ≤ 0.002."""
+in domain; *indep. out*: independent real photos out of domain (`independent_photos()`: matplotlib's grace_hopper, a
+portrait like the astronaut, scikit-learn's china and flower, four more scikit-image photos), and those left in.
+Requirement: 15/15 photos out, test in ≥ 95 %, |Δ test cos| ≤ 0.002.
+
+The Q64 guard row is fitted as `revsd predict` fits it: a frozen backbone's guard is cross-fitted (subspace of
+train ∪ val, calibrated on out-of-fold scores; its *ast. pct val* uses the val images' out-of-fold scores); the
+other rows are fitted on train and calibrated on val."""
 
 
 unit = domain._unit
@@ -105,12 +112,26 @@ def in_domain(z, alpha):
     return np.minimum(1.0, np.array([0.5 * math.erfc(v / math.sqrt(2)) for v in z]) / alpha)
 
 
+def independent_photos() -> list[Path]:
+    """Real photos that ship in other installed packages (and scikit-image's remaining ones), not among the 15
+    judged ones: an independent check that a score's verdict on those 15 is not a fit to them."""
+    import matplotlib
+    import skimage.data
+    import sklearn
+
+    sk = Path(skimage.data.__file__).parent
+    return [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg",
+            *(Path(sklearn.__file__).parent / "datasets" / "images" / n for n in ("china.jpg", "flower.jpg")),
+            *(sk / n for n in INDEPENDENT_SKIMAGE)]
+
+
 def image_sets(n_other: int, seed: int):
     ts = targets.load("demo")
     files = ts.table["image_path"].to_numpy()
     sets = {s: list(files[ts.rows(s)]) for s in ("train", "val", "test")}
     import skimage.data
     sets["photos"] = [Path(skimage.data.__file__).parent / n for n in SKIMAGE_PHOTOS]
+    sets["indep"] = independent_photos()
     used = {Path(p).name for p in files}
     pairs = pd.read_csv(SHARED / "pairs.csv")
     other = [SHARED / f for f in pairs["file"] if Path(f).name not in used]
@@ -142,7 +163,7 @@ def features(run: Path, sets: dict, layers: bool):
 
 
 def row(run, view, name, z, alpha, emb, true, prior_vec) -> dict:
-    w = {k: in_domain(z[k], alpha) for k in ("test", "photos", "other")}
+    w = {k: in_domain(z[k], alpha) for k in ("test", "photos", "other", "indep")}
     a = z["photos"][ASTRO]
     pct = {k: float((z[k] < a).mean()) for k in ("val", "test", "other")}
     cos = lambda e: float((e * true).sum(1).mean())
@@ -150,12 +171,15 @@ def row(run, view, name, z, alpha, emb, true, prior_vec) -> dict:
     out = int((w["photos"] < domain.OUT_OF_DOMAIN).sum())
     left = [n.split(".")[0] for n, v in zip(SKIMAGE_PHOTOS, w["photos"]) if v >= domain.OUT_OF_DOMAIN]
     test_in, other_in = float((w["test"] >= 0.5).mean()), float((w["other"] >= 0.5).mean())
+    indep_out = int((w["indep"] < domain.OUT_OF_DOMAIN).sum())
+    indep_left = [Path(p).stem for p, v in zip(independent_photos(), w["indep"]) if v >= domain.OUT_OF_DOMAIN]
     num = {"run": run, "view": view, "score": name, "out": out, "pct": pct, "test_in": test_in, "dcos": dcos,
-           "ast": float(w["photos"][ASTRO])}
+           "ast": float(w["photos"][ASTRO]), "indep_out": indep_out, "indep_left": indep_left}
     shown = {"score": name, "alpha": alpha, "photos out": f"{out}/{len(w['photos'])}", "left in domain":
              ", ".join(left) or "–", "ast. in_domain": f"{num['ast']:.2f}",
              "ast. pct val / test / other": " / ".join(f"{100 * pct[k]:.0f}" for k in pct),
-             "test in": f"{test_in:.1%}", "Δ test cos": f"{dcos:+.4f}", "other in": f"{other_in:.1%}"}
+             "test in": f"{test_in:.1%}", "Δ test cos": f"{dcos:+.4f}", "other in": f"{other_in:.1%}",
+             "indep. out": f"{indep_out}/{len(w['indep'])}", "indep. left in domain": ", ".join(indep_left) or "–"}
     return {"num": num, "shown": shown}
 
 
@@ -168,10 +192,13 @@ def bench_run(run: Path, sets: dict, true: np.ndarray, prior_vec, layers: bool) 
     g = domain.load(run)
     source = "the run's saved domain.npz" if g is not None else \
         f"`DomainGuard.fit` on all {n['train']} train / {n['val']} val features (as `domain.fit_for_run`)"
-    g = g or domain.DomainGuard.fit(F["train"], F["val"])
+    g = g or domain.DomainGuard.fit(F["train"], F["val"], cross_fit=pred.spec.mode == "frozen")
     zq = {k: (g.score(v).astype(np.float64) - g.median) / g.scale for k, v in F.items()}
+    if g.calibration != "val":  # cross-fitted: val is in the subspace; its calibration scores are out-of-fold
+        zq["val"] = (g.val_scores[-n["val"]:].astype(np.float64) - g.median) / g.scale
+        source += f", calibrated {g.calibration}"
     assert np.allclose(in_domain(zq["test"], g.alpha), g.in_domain(F["test"]), atol=1e-6)
-    name = f"Q{domain.DIMS} (guard: {len(g.components)} dims)"
+    name = f"Q{domain.DIMS} (guard: {len(g.components)} dims{', cross-fitted' if g.calibration != 'val' else ''})"
     rows = [row(run.name, "feature", name, zq, g.alpha, emb["test"], true, prior_vec)]
     for name, fit in FEATURE_SCORES.items():
         z = calibrate(fit(F["train"], F["val"]), F)
@@ -212,6 +239,15 @@ def conclusion(nums: list[dict]) -> str:
                      f"{max(r['out'] for r in v)} of 15; astronaut out of domain in {sum(r['ast'] < 0.5 for r in v)} "
                      f"rows; its percentile (lowest of val / test / other) {100 * min(worst):.0f}-"
                      f"{100 * max(worst):.0f} %, highest for {top['score']} on {top['run']}")
+    n_ind = len(independent_photos())
+    ind_in = sorted({p for r in nums for p in r["indep_left"]})
+    left = ", ".join(f"{p} ({sum(p in r['indep_left'] for r in nums)}/{len(nums)} rows)" for p in ind_in)
+    lines.append(f"- independent photos ({n_ind}: {', '.join(p.stem for p in independent_photos())}) out of domain: "
+                 f"{min(r['indep_out'] for r in nums)}-{max(r['indep_out'] for r in nums)} of {n_ind}; ever left in "
+                 f"domain: {left or 'none'}")
+    both = [r for r in nums if r["ast"] < 0.5 and "grace_hopper" not in r["indep_left"]]
+    lines.append("- the two portrait photos (astronaut, grace_hopper) both out of domain: "
+                 + ("; ".join(f"{r['score']} on {r['run']}" for r in both) or "**no row**"))
     all15 = [r for r in nums if r["out"] == 15]
     lines.append("- 15/15 photos out: " + ("; ".join(f"{r['score']} on {r['run']} (test in {r['test_in']:.1%}, "
                                                      f"Δ cos {r['dcos']:+.4f})" for r in all15) or "none"))

@@ -48,7 +48,8 @@ def test_saved_with_the_weights_it_belongs_to(tmp_path):
     g = domain.DomainGuard.fit(_clusters(rng, 40, center), _clusters(rng, 20, center))
     domain.save(tmp_path, g)
     meta = json.loads((tmp_path / "domain.json").read_text())
-    assert meta["dims"] == 40 // 3 and meta["n_val"] == 20 and meta["weights"]["size"] == len(b"weights v1")
+    assert meta["dims"] == 40 // 3 and meta["n_calibration"] == 20 and meta["calibration"] == "val"
+    assert meta["weights"]["size"] == len(b"weights v1")
     back = domain.load(tmp_path)
     x = _clusters(rng, 10, center, 1.0)
     np.testing.assert_allclose(back.in_domain(x), g.in_domain(x), atol=1e-5)
@@ -56,6 +57,28 @@ def test_saved_with_the_weights_it_belongs_to(tmp_path):
     assert domain.load(tmp_path) is None  # stale: recomputed on next use
     (tmp_path / "domain.json").write_text("[1, 2]")
     assert domain.load(tmp_path) is None
+
+
+def test_cross_fitted_calibration_uses_every_image_without_in_sample_bias(tmp_path):
+    """Frozen backbones: the subspace of train ∪ val, calibrated on out-of-fold scores. Scoring the images the
+    subspace was fitted on would calibrate too tight (their residuals are smaller than new images'), and new
+    in-domain images would be moved."""
+    rng = np.random.default_rng(3)
+    center = rng.standard_normal(64).astype(np.float32)
+    train, val = _clusters(rng, 60, center, 1.0), _clusters(rng, 20, center, 1.0)
+    g = domain.DomainGuard.fit(train, val, cross_fit=True)
+    assert len(g.val_scores) == 80 and len(g.components) == (80 - 16) // 3
+    fresh = _clusters(rng, 1000, center, 1.0)
+    assert (g.in_domain(fresh) == 1).mean() >= 0.93
+    assert g.in_domain(rng.standard_normal((20, 64)).astype(np.float32) * 3).max() < 0.01
+    in_sample = domain.DomainGuard._subspace(np.concatenate([train, val]), domain.DIMS, 64, domain.ALPHA)
+    in_sample._calibrated(in_sample.score(np.concatenate([train, val])))
+    assert (in_sample.in_domain(fresh) == 1).mean() < 0.6  # 0.38 here
+    (tmp_path / "model.safetensors").write_bytes(b"w")
+    domain.save(tmp_path, g)
+    back = domain.load(tmp_path)
+    assert back.calibration == g.calibration and back.calibration.startswith("out-of-fold")
+    np.testing.assert_allclose(back.in_domain(fresh[:50]), g.in_domain(fresh[:50]), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +101,7 @@ def test_real_photos_get_the_prior_and_the_test_split_keeps_its_score(demo_like_
     side = predict.min_side(pred)
     g = domain.load_or_fit(demo_like_run, pred, side)
     assert (demo_like_run / "domain.npz").exists() and domain.load(demo_like_run) is not None
+    assert g.calibration.startswith("out-of-fold")  # a frozen backbone: cross-fitted on train ∪ val
     bank_prompts = read_prompt_table(paths.input_dir() / "prompts" / "diffusiondb_prompts.parquet")
     prior = domain.bank_prior(encode(bank_prompts[::30]))  # the default bank's mean, from 600 of its prompts
 
@@ -86,7 +110,8 @@ def test_real_photos_get_the_prior_and_the_test_split_keeps_its_score(demo_like_
     ind = g.in_domain(feats)
     guarded = domain.guard(emb, ind, prior)
     out = ind < domain.OUT_OF_DOMAIN
-    # astronaut.png, a studio portrait photo, lies inside the sample's range (it holds photographic portrait styles)
+    # astronaut.png, a studio portrait photo, lies inside the sample's range (it holds photographic portrait styles);
+    # so does an independent portrait photo, matplotlib's grace_hopper.jpg (bench/bench_guard_scores.py)
     assert out.sum() >= len(SKIMAGE_PHOTOS) - 1, dict(zip(SKIMAGE_PHOTOS, ind.round(3)))
     assert (guarded[out] @ prior).min() >= 0.98
 
