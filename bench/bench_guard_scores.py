@@ -8,11 +8,11 @@ Per run (read only: nothing under working/ is written), the run's pooled feature
 of the demo's train / val / test images (``revsd.targets.load("demo")``), the 15 scikit-image photos
 (``bench_predict.SKIMAGE_PHOTOS``) and ``--other`` seeded held-out SD tiles (../shared/data, supagruen_sd15, not in
 the sample) and ``independent_photos()``. Every other score is fitted on train and calibrated on val (median /
-MAD ``z``, ``in_domain = min(1, P(Z >= z) / alpha)``, out of domain below 0.5); the guarded test embeddings move towards the
-broad prior (``domain.bank_prior``, as bench_predict.py's guard rows). The Q64 row is ``domain.DomainGuard`` on the
-rows ``domain.fit_for_run`` uses (or the run's saved ``domain.npz``), i.e. what ``revsd predict`` computes.
-``--layers RUN ...`` adds per-block channel statistics (default: one Lite2 and one Lite0 run). Scores and columns:
-``SCORES_DOC`` below.
+MAD ``z``, ``in_domain = min(1, P(Z >= z) / alpha)``, out of domain below 0.5); the guarded test embeddings move
+towards the broad prior (``domain.bank_prior``, as bench_predict.py's guard rows). The Q64 row is
+``domain.DomainGuard`` on the rows ``domain.fit_for_run`` uses (or the run's saved ``domain.npz``), i.e. what
+``revsd predict`` computes. ``--layers RUN ...`` adds per-block channel statistics (default: one Lite2 and one Lite0
+run). Scores and columns: ``SCORES_DOC`` below.
 """
 
 from __future__ import annotations
