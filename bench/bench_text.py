@@ -8,6 +8,8 @@ previous greedy chooser (frozen below as :class:`GreedyChooser`) and for :class:
 
 - ``text→truth``: mean cosine of the chosen text's own MiniLM embedding to the true prompt's, and its ratio to the
   predicted embedding's cosine (goal ≥ 0.9); ``text→pred``: cosine of the text to the predicted embedding;
+- two oracle ratios that locate the limit (:func:`ceiling`): the best of all candidates the chooser scored, and
+  the best of the 3 closest to the prediction, each judged against the truth (unknown at predict time);
 - the chooser alone (images/s, from the saved predictions) and ``revsd predict``'s whole loop over the split's
   images (decode + model + readable prompt, batch 32; goal ≥ 15 images/s). Each chooser starts with an empty
   text cache. CPU seconds are reported too, since other jobs may share the CPUs.
@@ -72,6 +74,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]) + "\n"
 
 
+def ceiling(chosen, truth, base: float, top: int = 3) -> dict:
+    """Is the search or the choice the limit? The ratio of the candidate closest to the truth (an oracle: the
+    truth is unknown at predict time), and of the best of the ``top`` candidates closest to the prediction."""
+    texts = sorted({t for r in chosen for t in r.candidates})
+    enc = dict(zip(texts, retrieval.encode(texts)))
+    best = [max(float(enc[t] @ truth[i]) for t in r.candidates) for i, r in enumerate(chosen)]
+    near = [max(float(enc[t] @ truth[i]) for t in sorted(r.candidates, key=r.candidates.get, reverse=True)[:top])
+            for i, r in enumerate(chosen)]
+    return {"oracle ratio (any candidate)": round(float(np.mean(best)) / base, 4),
+            f"oracle ratio (top {top} by text→pred)": round(float(np.mean(near)) / base, 4)}
+
+
 def measure(name: str, make, emb, words, truth, files, predictor, batch: int) -> dict:
     base = float((emb * truth).sum(1).mean())
     chooser = make()
@@ -84,6 +98,7 @@ def measure(name: str, make, emb, words, truth, files, predictor, batch: int) ->
            "ratio": round(to_truth / base, 4), "text→pred": round(float(np.mean([r.cosine for r in chosen])), 4),
            "candidates/img": round(float(np.mean([len(r.candidates) for r in chosen])), 1),
            "chooser img/s": f"{len(emb) / dt:.1f} ({cpu / len(emb) * 1000:.0f} CPU-ms/img)"}
+    row.update(ceiling(chosen, truth, base))
     if files:
         chooser = make()  # empty cache again
         t, c = time.perf_counter(), time.process_time()
