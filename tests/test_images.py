@@ -149,3 +149,40 @@ def test_image_key_changes_when_the_file_does(tmp_path):
     os.utime(f, ns=(0, 1))
     assert image_key("a", f) != k
     assert image_key("x", tmp_path / "nope.png") == "x|missing"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_shows_the_image_upright(tmp_path, real_jpg, orientation):
+    """A camera or editor that stores pixels sideways with an EXIF Orientation tag: the model sees what a viewer
+    shows (PIL's ``ImageOps.exif_transpose``), at full size and through the shrinking decode path."""
+    from PIL import ImageOps
+
+    stored = Image.open(real_jpg).convert("RGB").crop((0, 0, 256, 160))  # not square: a turn changes the size
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"  # lossless, so pixels compare exactly
+    stored.save(path, exif=exif)
+    upright = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    assert upright.size == ((160, 256) if orientation >= 5 else (256, 160))
+    assert np.array_equal(np.asarray(open_rgb(path)), np.asarray(upright))
+    small = open_rgb(path, min_side=20)  # decoded at a quarter: shorter side ≥ 3 × 20
+    assert small.size == (upright.size[0] // 2, upright.size[1] // 2)
+    same = np.asarray(upright.resize(small.size, Image.BOX), np.float32)
+    assert np.abs(np.asarray(small, np.float32) - same).mean() < 2
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's own, at open
+def test_malformed_exif_keeps_the_stored_pixels(tmp_path, real_jpg):
+    path = tmp_path / "bad_exif.jpg"
+    Image.open(real_jpg).save(path, exif=b"Exif\x00\x00MM\x00*garbage")
+    assert open_rgb(path).size == (256, 256)
+
+
+def test_avif_files_are_listed_and_read_when_pillow_can(tmp_path, real_jpg):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    Image.open(real_jpg).save(tmp_path / "a.avif")
+    assert list_images([tmp_path]) == [tmp_path / "a.avif"]
+    assert open_rgb(tmp_path / "a.avif").size == (256, 256)

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+Image.init()
+IMAGE_EXTENSIONS |= {".avif"} & set(Image.registered_extensions())  # Pillow ≥ 11.3 reads AVIF
 MAX_PIXELS = 8192 * 8192  # decompression-bomb guard: ~67 MP; SD images are ≤ 1 MP
 DECODE_MARGIN = 3  # min_side keeps the shorter side ≥ 3 × min_side: the margin the final resize's reducing_gap keeps
 DECODE_BUDGET = 512 * 2**20  # bytes of full-size pixels that threads may decode at once (one bigger image at a time)
@@ -105,6 +107,22 @@ def _shrink(img: Image.Image, factor: int) -> Image.Image:
     return to_rgb(img).reduce(factor)
 
 
+# EXIF Orientation (tag 0x0112) → the transpose that shows the image upright, as viewers do (PIL's exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im: Image.Image) -> Image.Transpose | None:
+    """The transpose a camera's or editor's EXIF Orientation asks for (``None``: upright, absent or unreadable)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": handled below
+            return _UPRIGHT.get(int(im.getexif().get(0x0112, 1)))
+    except Exception:  # malformed EXIF: show the pixels as stored
+        return None
+
+
 def _missing(path: Path) -> str:
     """Why ``path`` cannot be opened although it was named: symlink loop, dangling symlink or not found."""
     if path.is_symlink():
@@ -118,7 +136,7 @@ def _missing(path: Path) -> str:
 
 
 def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
-    """Open, decode and convert an image to RGB, or raise :class:`ImageError`.
+    """Open, decode and convert an image to RGB, upright as its EXIF Orientation says, or raise :class:`ImageError`.
 
     ``min_side`` (e.g. the model's input size): decode at most what is needed, keeping the shorter side
     ≥ ``DECODE_MARGIN × min_side`` (never below the image's own size); ``None`` decodes at full size.
@@ -143,7 +161,9 @@ def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | Non
                         im.draft(im.mode, (math.ceil(w * s), math.ceil(h * s)))
                 with decode_budget(im.size[0] * im.size[1] * max(len(im.getbands()), 3) * 2):
                     im.load()
-                    return _shrink(im, shrink_factor(im.size, min_side))
+                    turn = _orientation(im)  # after load: a PNG's getexif() would decode outside the budget
+                    out = _shrink(im, shrink_factor(im.size, min_side))
+                    return out.transpose(turn) if turn is not None else out
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
