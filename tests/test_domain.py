@@ -5,6 +5,8 @@ held-out test split stays in domain and keeps its score."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +55,29 @@ def test_saved_with_the_weights_it_belongs_to(tmp_path):
     back = domain.load(tmp_path)
     x = _clusters(rng, 10, center, 1.0)
     np.testing.assert_allclose(back.in_domain(x), g.in_domain(x), atol=1e-5)
+    copy = tmp_path / "copied"  # e.g. a run folder attached to an offline Kaggle notebook: new mtimes
+    shutil.copytree(tmp_path, copy, copy_function=shutil.copyfile)
+    os.utime(copy / "model.safetensors", ns=(1, 1))
+    assert domain.load(copy) is not None  # same content (SHA-256): the guard stays valid
+    (copy / "model.safetensors").write_bytes(b"weights v9")  # same size, other content
+    assert domain.load(copy) is None
     (tmp_path / "model.safetensors").write_bytes(b"weights v2, retrained")
     assert domain.load(tmp_path) is None  # stale: recomputed on next use
     (tmp_path / "domain.json").write_text("[1, 2]")
     assert domain.load(tmp_path) is None
+
+
+def test_a_read_only_run_folder_still_gets_its_guard(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    center = rng.standard_normal(64).astype(np.float32)
+    g = domain.DomainGuard.fit(_clusters(rng, 40, center), _clusters(rng, 20, center))
+    monkeypatch.setattr(domain, "fit_for_run", lambda *a, **k: g)
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(domain, "save", read_only)
+    with pytest.warns(UserWarning, match="not saved"):
+        assert domain.load_or_fit(tmp_path, predictor=None) is g
 
 
 def test_cross_fitted_calibration_uses_every_image_without_in_sample_bias(tmp_path):

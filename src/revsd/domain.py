@@ -25,16 +25,20 @@ on other images, and then a constant scores better than the model (issue 13). Th
 Alternatives compared on every demo run (``bench/bench_guard_scores.py``): Q with 16 components, Hotelling T²,
 k-NN, Ledoit-Wolf Mahalanobis, the ImageNet-logit view, their union and per-block channel statistics.
 
-Saved in the run folder as ``domain.npz`` (training mean, principal components, val scores) and ``domain.json``
-(calibration, the weights file it belongs to), written atomically; :func:`load_or_fit` computes them on first
-use from the run's train/val rows (``revsd.targets``) and recomputes them when the weights file changed.
+Saved in the run folder as ``domain.npz`` (training mean, principal components, calibration scores) and
+``domain.json`` (calibration; the weights file it belongs to: size, mtime and SHA-256, so a run folder copied
+elsewhere, e.g. attached to an offline Kaggle notebook, keeps its guard), written atomically; :func:`load_or_fit`
+computes them on first use from the run's train/val rows (``revsd.targets``) and recomputes them when the weights
+changed (a read-only folder: used unsaved).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,17 +146,35 @@ def bank_prior(bank_emb: np.ndarray) -> np.ndarray:
 
 # --- persistence ------------------------------------------------------------------------------------------------
 
-def _weights_stamp(run_dir: Path) -> dict:
+def _weights_stamp(run_dir: Path, digest: bool = False) -> dict:
     f = run_dir / "model.safetensors"
     st = f.stat() if f.exists() else None
-    return {"file": f.name, "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
+    stamp = {"file": f.name, "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
+    if digest and st:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        stamp["sha256"] = h.hexdigest()
+    return stamp
+
+
+def _same_weights(saved: dict, run_dir: Path) -> bool:
+    """Whether the guard was fitted on these weights: same size and mtime, or (a copied run folder, e.g. a Kaggle
+    dataset, gets new mtimes) the same content hash."""
+    now = _weights_stamp(run_dir)
+    if not isinstance(saved, dict) or now["size"] is None or saved.get("size") != now["size"]:
+        return False
+    if saved.get("mtime_ns") == now["mtime_ns"]:
+        return True
+    return bool(saved.get("sha256")) and _weights_stamp(run_dir, digest=True)["sha256"] == saved["sha256"]
 
 
 def save(run_dir: str | Path, g: DomainGuard) -> None:
     run_dir = Path(run_dir)
     with atomic_path(run_dir / FILES[0]) as tmp, open(tmp, "wb") as f:
         np.savez(f, mean=g.mean, components=g.components, val_scores=g.val_scores)
-    write_json(run_dir / FILES[1], {**g.to_json(), "weights": _weights_stamp(run_dir)})
+    write_json(run_dir / FILES[1], {**g.to_json(), "weights": _weights_stamp(run_dir, digest=True)})
 
 
 def load(run_dir: str | Path) -> DomainGuard | None:
@@ -160,7 +182,7 @@ def load(run_dir: str | Path) -> DomainGuard | None:
     run_dir = Path(run_dir)
     try:
         meta = read_json(run_dir / FILES[1])
-        if meta.get("version") != VERSION or meta.get("weights") != _weights_stamp(run_dir):
+        if meta.get("version") != VERSION or not _same_weights(meta.get("weights"), run_dir):
             return None
         with np.load(run_dir / FILES[0]) as z:
             return DomainGuard(z["mean"], z["components"], float(meta["median"]), float(meta["scale"]),
@@ -208,5 +230,8 @@ def load_or_fit(run_dir: str | Path, predictor, min_side: int | None = None) -> 
     g = load(run_dir)
     if g is None:
         g = fit_for_run(run_dir, predictor, min_side=min_side)
-        save(run_dir, g)
+        try:
+            save(run_dir, g)
+        except OSError as e:  # a read-only run folder (e.g. a Kaggle input): use it unsaved
+            warnings.warn(f"domain guard not saved in {run_dir} ({e}); it is recomputed next time", stacklevel=2)
     return g
