@@ -44,27 +44,29 @@ def test_guard_is_one_inside_and_falls_to_zero_far_out():
 
 
 def test_saved_with_the_weights_it_belongs_to(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
     rng = np.random.default_rng(1)
     center = rng.standard_normal(64).astype(np.float32)
-    (tmp_path / "model.safetensors").write_bytes(b"weights v1")
+    (run / "model.safetensors").write_bytes(b"weights v1")
     g = domain.DomainGuard.fit(_clusters(rng, 40, center), _clusters(rng, 20, center))
-    domain.save(tmp_path, g)
-    meta = json.loads((tmp_path / "domain.json").read_text())
+    domain.save(run, g)
+    meta = json.loads((run / "domain.json").read_text())
     assert meta["dims"] == 40 // 3 and meta["n_calibration"] == 20 and meta["calibration"] == "val"
     assert meta["weights"]["size"] == len(b"weights v1")
-    back = domain.load(tmp_path)
+    back = domain.load(run)
     x = _clusters(rng, 10, center, 1.0)
     np.testing.assert_allclose(back.in_domain(x), g.in_domain(x), atol=1e-5)
     copy = tmp_path / "copied"  # e.g. a run folder attached to an offline Kaggle notebook: new mtimes
-    shutil.copytree(tmp_path, copy, copy_function=shutil.copyfile)
+    shutil.copytree(run, copy, copy_function=shutil.copyfile)
     os.utime(copy / "model.safetensors", ns=(1, 1))
     assert domain.load(copy) is not None  # same content (SHA-256): the guard stays valid
     (copy / "model.safetensors").write_bytes(b"weights v9")  # same size, other content
     assert domain.load(copy) is None
-    (tmp_path / "model.safetensors").write_bytes(b"weights v2, retrained")
-    assert domain.load(tmp_path) is None  # stale: recomputed on next use
-    (tmp_path / "domain.json").write_text("[1, 2]")
-    assert domain.load(tmp_path) is None
+    (run / "model.safetensors").write_bytes(b"weights v2, retrained")
+    assert domain.load(run) is None  # stale: recomputed on next use
+    (run / "domain.json").write_text("[1, 2]")
+    assert domain.load(run) is None
 
 
 def test_a_read_only_run_folder_still_gets_its_guard(tmp_path, monkeypatch):
