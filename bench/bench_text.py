@@ -42,13 +42,7 @@ class GreedyChooser(retrieval.TextChooser):
                          bf16=False)  # float32 encoding, as it was
 
     def __call__(self, emb: np.ndarray, words: Sequence[Sequence[str]] | None = None) -> list[Readable]:
-        emb = np.atleast_2d(np.asarray(emb, dtype=np.float32))
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        n = len(emb)
-        words = [list(w)[: self.max_words] for w in (words or [[]] * n)]
-        scores, idx = self.bank.search(emb, self.k)
-        neighbors = [[(self.bank.prompts[j], float(s)) for s, j in zip(srow, irow) if j >= 0]
-                     for srow, irow in zip(scores, idx)]
+        emb, words, neighbors, _ = self._nearest(emb, words, self.k)
         cands = [dict(nb) for nb in neighbors]
         pending = [dict.fromkeys([_join("", w)] * bool(w) + [_join(p, w) for p, _ in nb if w])
                    for nb, w in zip(neighbors, words)]

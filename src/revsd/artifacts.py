@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import tempfile
@@ -133,3 +134,12 @@ def load_predictions(path: str | Path) -> Predictions:
         raise FileNotFoundError(f"no predictions at {path}: run the stage that writes it first")
     with np.load(path, allow_pickle=False) as z:
         return Predictions(z["ids"], z["emb"], z["probs"] if "probs" in z.files else None)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content (hex), read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -34,7 +34,6 @@ changed (a read-only folder: used unsaved).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from revsd.artifacts import atomic_path, read_json, write_json
+from revsd.artifacts import atomic_path, file_sha256, read_json, write_json
 from revsd.images import ImageError, open_rgb
 
 DIMS = 64  # principal components kept (at most a third of the training images and half the feature size)
@@ -151,11 +150,7 @@ def _weights_stamp(run_dir: Path, digest: bool = False) -> dict:
     st = f.stat() if f.exists() else None
     stamp = {"file": f.name, "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
     if digest and st:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-        stamp["sha256"] = h.hexdigest()
+        stamp["sha256"] = file_sha256(f)
     return stamp
 
 

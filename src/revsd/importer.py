@@ -19,7 +19,6 @@ leaves a valid dataset and re-running finishes the job. ``width``/``height`` are
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -32,19 +31,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from revsd import metadata
-from revsd.artifacts import save_parquet
+from revsd.artifacts import file_sha256, save_parquet
 from revsd.data import PART_RE, DataError
 from revsd.images import list_images
 
 INT64_MAX = 2**63 - 1
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_parts(out: Path) -> dict[int, dict]:
@@ -129,7 +120,7 @@ def import_images(dirs: list[str | Path], out: str | Path, recursive: bool = Fal
         try:
             with Image.open(path) as im:
                 size = im.size
-            digest = sha256(path)
+            digest = file_sha256(path)
         except Exception as e:  # not an image, unreadable: counted, never fatal
             summary["unreadable"] += 1
             summary["warnings"].append(f"{path}: not a readable image ({type(e).__name__})")

@@ -6,12 +6,16 @@ the predictor do it. Invalid images are excluded from batches and listed in ``In
 
 from __future__ import annotations
 
+import hashlib
+import json
+from functools import partial
+
 import numpy as np
 import torch
 
-from revsd import features
+from revsd import features, imagecache, paths
 from revsd.backbones import get_spec
-from revsd.transforms import iter_image_batches, to_batch
+from revsd.transforms import iter_image_batches, pil_to_array, to_batch
 
 
 class Inputs:
@@ -44,14 +48,6 @@ class Inputs:
 
     def _image_cache(self, rows: np.ndarray):
         """Pixels of ``rows`` decoded and preprocessed once (``revsd.imagecache``), and each table row's cache row."""
-        import json
-        from functools import partial
-
-        from revsd import imagecache, paths
-        from revsd.transforms import pil_to_array
-
-        import hashlib
-
         pp = self.preprocess
         pp_id = json.dumps(pp.to_dict(), sort_keys=True)
         name = f"{self.cfg.backbone}{'-tiny' if self.cfg.tiny else ''}-{pp.input_size}-" + \

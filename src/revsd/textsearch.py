@@ -163,15 +163,20 @@ class TextChooser:
                  for p in self._fill(rest, target, phrases, pvecs, self.swap) if p.lower() not in text.lower()]
         return ext + cuts + swaps
 
-    def __call__(self, emb: np.ndarray, words: Sequence[Sequence[str]] | None = None) -> list[Readable]:
-        """``emb`` (n, 384) predicted embeddings; ``words[i]``: image i's confident words, most probable first."""
+    def _nearest(self, emb: np.ndarray, words, n_bank: int):
+        """Unit-norm ``emb`` (n, D), each image's first ``max_words`` words, its ``n_bank`` nearest bank prompts
+        as ``(prompt, cosine)`` and their bank rows."""
         emb = np.atleast_2d(np.asarray(emb, dtype=np.float32))
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        n = len(emb)
-        words = [list(w)[: self.max_words] for w in (words or [[]] * n)]
-        scores, idx = self.bank.search(emb, self.pool)
-        pooled = [[(self.bank.prompts[j], float(s)) for s, j in zip(srow, irow) if j >= 0]
-                  for srow, irow in zip(scores, idx)]
+        words = [list(w)[: self.max_words] for w in (words or [[]] * len(emb))]
+        scores, idx = self.bank.search(emb, n_bank)
+        nearest = [[(self.bank.prompts[j], float(s)) for s, j in zip(srow, irow) if j >= 0]
+                   for srow, irow in zip(scores, idx)]
+        return emb, words, nearest, idx
+
+    def __call__(self, emb: np.ndarray, words: Sequence[Sequence[str]] | None = None) -> list[Readable]:
+        """``emb`` (n, 384) predicted embeddings; ``words[i]``: image i's confident words, most probable first."""
+        emb, words, pooled, idx = self._nearest(emb, words, self.pool)
         neighbors = [nb[: self.k] for nb in pooled]
         cands: list[dict[str, float]] = [dict(nb) for nb in pooled]
         for row in idx:  # bank prompts come with their (float32) embeddings: never encoded
