@@ -151,6 +151,25 @@ def test_image_key_changes_when_the_file_does(tmp_path):
     assert image_key("x", tmp_path / "nope.png") == "x|missing"
 
 
+def test_cached_features_of_an_older_decoding_are_computed_again(sample_dir, monkeypatch, tmp_path):
+    """Caches keyed before a decoding change (EXIF orientation) are not reused: the file now gives other pixels."""
+    import shutil
+
+    from revsd import features, images
+
+    monkeypatch.setenv("REVSD_WORKING", str(tmp_path / "w"))
+    f = tmp_path / "a.jpg"
+    shutil.copy(sorted((sample_dir / "images" / "part-000001").glob("*.jpg"))[0], f)
+    monkeypatch.setattr(images, "DECODE_VERSION", 1)
+    old = images.image_key("a", f)
+    features.extract("effnet_lite0", ["a"], [f], tiny=True, progress=False)
+    monkeypatch.setattr(images, "DECODE_VERSION", 2)
+    assert images.image_key("a", f) != old and images.image_key("a", f).endswith("|d2")
+    features.extract("effnet_lite0", ["a"], [f], tiny=True, progress=False)
+    shards = list(features.cache_dir("effnet_lite0", tiny=True).glob("shard-*.npz"))
+    assert len(shards) == 2  # extracted again under the new key, the old shard left as it was
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_shows_the_image_upright(tmp_path, real_jpg, orientation):
     """A camera or editor that stores pixels sideways with an EXIF Orientation tag: the model sees what a viewer

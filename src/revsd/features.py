@@ -1,8 +1,9 @@
 """Frozen-backbone features: extracted once (batched, ``inference_mode``, ``channels_last``, decoding in worker
 threads) and cached on disk under ``working/features/<backbone>/`` so reruns and other stages reuse them.
 
-Cache key per image: ``image_id | file size | mtime_ns`` (an edited file is re-extracted). Each extraction call
-adds one shard ``shard-<hash>.npz`` (keys, feats, valid, errors), written atomically; readers merge all shards.
+Cache key per image: ``image_id | file size | mtime_ns | decode version`` (an edited file, or one that
+``open_rgb`` now decodes differently, is re-extracted). Each extraction call adds one shard ``shard-<hash>.npz``
+(keys, feats, valid, errors), written atomically; readers merge all shards.
 Unreadable images are reported (``FeatureSet.errors``), marked invalid (``valid == False``) and never dropped.
 Images are preprocessed as the backbone's spec says (``spec.preprocess``, see ``revsd.transforms``); ``meta.json``
 records it, and a cache made with other preprocessing is refused rather than mixed.

@@ -10,8 +10,8 @@ Layout of a cache folder (e.g. ``working/imagecache/<backbone>-<size>/``)::
     shard-<hash>.npy             uint8 (n, H, W, 3), opened with mmap_mode="r"
     shard-<hash>.index.npz       keys (n,), valid (n,), errors (n,)  -- written last: a shard exists once it is
 
-Keys are ``image_id|file size|mtime_ns`` (:func:`revsd.images.image_key`), so an edited file is decoded
-again; an image that cannot be read is stored as zeros with ``valid=False`` and its error message (reported,
+Keys are ``image_id|file size|mtime_ns|decode version`` (:func:`revsd.images.image_key`), so an edited file is
+decoded again; an image that cannot be read is stored as zeros with ``valid=False`` and its error message (reported,
 never dropped). Each :func:`build` call decodes only the images whose key is missing and adds one shard per
 ``shard_size`` images, each written atomically (temp file + rename).
 

@@ -69,12 +69,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+DECODE_VERSION = 2  # bumped when open_rgb gives other pixels for the same file (2: EXIF Orientation honoured)
+
+
 def image_key(image_id: str, path: str | Path) -> str:
-    """``image_id|size|mtime_ns`` of the file (``image_id|missing`` when it cannot be stat'ed): the key of every
-    per-image cache (features, pixels, captions, latents), so an edited file is computed again."""
+    """``image_id|size|mtime_ns|d<DECODE_VERSION>`` of the file (``image_id|missing`` when it cannot be stat'ed):
+    the key of every per-image cache (features, pixels, captions, latents), so an edited file, or a file that
+    :func:`open_rgb` now decodes differently, is computed again (entries under older keys are never read)."""
     try:
         st = os.stat(path)
-        return f"{image_id}|{st.st_size}|{st.st_mtime_ns}"
+        return f"{image_id}|{st.st_size}|{st.st_mtime_ns}|d{DECODE_VERSION}"
     except OSError:
         return f"{image_id}|missing"
 
