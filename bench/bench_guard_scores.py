@@ -1,7 +1,8 @@
 """Out-of-domain scores for the domain guard (``revsd.domain``): which one puts scikit-image's photos out of domain?
 
     .venv/bin/python bench/bench_guard_scores.py           # every run under working/03_train/demo/, writes
-                                                           # bench/results/guard_scores.md
+                                                           # bench/results/guard_scores.md and, beside it,
+                                                           # guard_astronaut_neighbours.jpg (--neighbours run)
     .venv/bin/python bench/bench_guard_scores.py --runs working/03_train/demo/effnet_lite2_cfg2_f-1_s0 --layers
 
 Per run (read only: nothing under working/ is written), the run's pooled features (``predict(with_features=True)``)
@@ -53,7 +54,10 @@ SCORES_DOC = """\
 - **union a=…**: feature Q64 and logit Q64 each calibrated on val at that alpha, in_domain = the smaller one
   (= `max(z_feature, z_logit)`; its percentiles are of that max);
 - **layer … Q64 / kNN5** (`--layers` runs only): the same scores on the per-channel mean and std of the block's output
-  feature map (forward hooks on the run's frozen backbone).
+  feature map (forward hooks on the run's frozen backbone);
+- **head entropy / head JointEnergy** (runs with a vocabulary head): the head's uncertainty, Σ of the binary entropies
+  of its word probabilities, and minus the multi-label energy Σ log(1 + e^logit) (JointEnergy, Wang et al. 2021),
+  each calibrated on val as above (the heads were trained on train, so train is not a fair reference).
 
 Columns: *photos out* of 15 (in_domain < 0.5) and the names of those left in domain; *ast. in_domain*; *ast. pct*:
 share of the val / test / other-SD images scoring below the astronaut (%); *test in*: test images in domain;
@@ -140,10 +144,11 @@ def image_sets(n_other: int, seed: int):
 
 
 def features(run: Path, sets: dict, layers: bool):
-    """(predictor, embeddings, pooled features, {layer: {set: channel mean ‖ std}}) of every image set."""
+    """(predictor, embeddings, vocabulary-head probabilities (None without that head), pooled features,
+    {layer: {set: channel mean ‖ std}}) of every image set."""
     pred = predict.load_predictor(run)
     side = predict.min_side(pred)
-    stats, hooks, lay, emb, feats = {}, [], {}, {}, {}
+    stats, hooks, lay, emb, probs, feats = {}, [], {}, {}, {}, {}
     if layers:
         mods = dict(pred.extractor.named_modules())
         names = ["net.bn1"] + [f"net.blocks.{i}" for i in range(len(pred.extractor.net.blocks))]
@@ -154,12 +159,49 @@ def features(run: Path, sets: dict, layers: bool):
         hooks = [mods[n].register_forward_hook(hook(n)) for n in names]
     for k, files in sets.items():
         stats.clear()
-        emb[k], _, feats[k] = pred.predict([open_rgb(p, min_side=side) for p in files], with_features=True)
+        emb[k], probs[k], feats[k] = pred.predict([open_rgb(p, min_side=side) for p in files], with_features=True)
         for n, v in stats.items():
             lay.setdefault(n, {})[k] = np.concatenate(v)
     for h in hooks:
         h.remove()
-    return pred, emb, feats, lay
+    return pred, emb, probs if pred.spec.vocab_size else None, feats, lay
+
+
+def head_entropy(p):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return -(p * np.log(p) + (1 - p) * np.log(1 - p)).sum(1)
+
+
+def head_joint_energy(p):  # log(1 + e^logit) = -log(1 - p)
+    return np.log(np.clip(1 - p, 1e-7, 1)).sum(1)
+
+
+def neighbours(run: Path, sets: dict, feats: dict, ts, out_jpg: Path | None, k: int = 5) -> str:
+    """The training (train + val) images nearest the two portrait photos in the run's pooled features (cosine of the
+    unit-norm features, the guard's geometry), with their prompts; ``out_jpg``: a contact sheet of them."""
+    prompts = [*ts.table["prompt"].to_numpy()[ts.rows("train")], *ts.table["prompt"].to_numpy()[ts.rows("val")]]
+    files = [*sets["train"], *sets["val"]]
+    ref = unit(np.concatenate([feats["train"], feats["val"]]))
+    lines, sheet = [], []
+    for name, path, f in (("astronaut", sets["photos"][ASTRO], feats["photos"][ASTRO]),
+                          ("grace_hopper", sets["indep"][0], feats["indep"][0])):
+        sim = ref @ unit(f[None])[0]
+        top = np.argsort(-sim, kind="stable")[:k]
+        lines.append(f"- **{name}**: " + "; ".join(f"`{prompts[i]}` ({sim[i]:.3f}, {Path(files[i]).name})"
+                                                  for i in top))
+        sheet.append([path, *(files[i] for i in top)])
+    if out_jpg is not None:
+        from PIL import Image
+        t = 128
+        img = Image.new("RGB", (t * (k + 1), t * len(sheet)), "white")
+        for r, paths in enumerate(sheet):
+            for c, p in enumerate(paths):
+                img.paste(open_rgb(p).resize((t, t)), (c * t, r * t))
+        out_jpg.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out_jpg, quality=85)
+    return (f"## Nearest training images of the two portrait photos ({run.name})\n\n" + "\n".join(lines)
+            + (f"\n\nContact sheet (each row: the photo, then its {k} nearest training images): "
+               f"`{out_jpg.name}`" if out_jpg is not None else "") + "\n\n")
 
 
 def row(run, view, name, z, alpha, emb, true, prior_vec) -> dict:
@@ -183,9 +225,10 @@ def row(run, view, name, z, alpha, emb, true, prior_vec) -> dict:
     return {"num": num, "shown": shown}
 
 
-def bench_run(run: Path, sets: dict, true: np.ndarray, prior_vec, layers: bool) -> tuple[list[dict], str]:
+def bench_run(run: Path, sets: dict, true: np.ndarray, prior_vec, layers: bool, ts=None,
+              sheet: Path | None = None) -> tuple[list[dict], str]:
     t = time.perf_counter()
-    pred, emb, F, lay = features(run, sets, layers)
+    pred, emb, P, F, lay = features(run, sets, layers)
     t_feat = time.perf_counter() - t
     n = {"train": len(F["train"]), "val": len(F["val"])}
     assert n["train"] <= domain.MAX_REF and n["val"] <= domain.MAX_VAL  # else fit_for_run would subsample
@@ -215,6 +258,8 @@ def bench_run(run: Path, sets: dict, true: np.ndarray, prior_vec, layers: bool) 
         zu = {k: np.maximum(zq[k], zl[k]) for k in zq}
         for a in (0.0025, 0.005):
             rows.append(row(run.name, "union", f"union a={a}", zu, a, emb["test"], true, prior_vec))
+    for name, fn in (("head entropy", head_entropy), ("head JointEnergy", head_joint_energy)) if P else ():
+        rows.append(row(run.name, "head", name, calibrate(fn, P), domain.ALPHA, emb["test"], true, prior_vec))
     for layer, data in lay.items():
         for name, fit in (("Q64", q(64)), ("kNN5", knn(5))):
             z = calibrate(fit(data["train"], data["val"]), data)
@@ -223,13 +268,16 @@ def bench_run(run: Path, sets: dict, true: np.ndarray, prior_vec, layers: bool) 
     head_md = (f"## {run.name}\n\n{pred.backbone} ({spec.mode}, {pred.input_size}px); features of "
                f"{sum(map(len, F.values()))} images in {t_feat:.0f} s; Q guard: {source}; mean test cosine: model "
                f"{base:.4f}, broad prior {float((true @ prior_vec).mean()):.4f}"
-               + ("" if variant else "; no logit view (not a frozen pretrained EfficientNet-Lite0/2)") + "\n\n")
+               + ("" if variant else "; no logit view (not a frozen pretrained EfficientNet-Lite0/2)")
+               + ("" if P else "; no vocabulary head") + "\n\n")
+    if ts is not None:
+        head_md += neighbours(run, sets, F, ts, sheet)
     return rows, head_md
 
 
 def conclusion(nums: list[dict]) -> str:
     lines = []
-    for view in ("feature", "layer", "logit", "union"):
+    for view in ("feature", "layer", "logit", "union", "head"):
         v = [r for r in nums if r["view"] == view]
         if not v:
             continue
@@ -269,6 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--other", type=int, default=300, help="held-out SD tiles from the shared data")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "guard_scores.md"))
+    ap.add_argument("--neighbours", default="effnet_lite2_cfg2_f-1_s0",
+                    help="run whose nearest training images of the two portraits are listed (and drawn beside --out)")
     args = ap.parse_args(argv)
     runs = [Path(r) for r in args.runs] if args.runs else sorted(
         p for p in (ROOT / "working" / "03_train" / "demo").iterdir() if (p / "model.safetensors").exists())
@@ -279,7 +329,9 @@ def main(argv=None) -> int:
     nums, body = [], ""
     for run in runs:
         print(f"{run.name} ...", flush=True)
-        rows, head_md = bench_run(run, sets, true, prior_vec, run.name in args.layers)
+        near = run.name == args.neighbours
+        rows, head_md = bench_run(run, sets, true, prior_vec, run.name in args.layers, ts if near else None,
+                                  Path(args.out).with_name("guard_astronaut_neighbours.jpg") if near else None)
         nums += [r["num"] for r in rows]
         body += head_md + markdown([r["shown"] for r in rows]) + "\n"
         print(head_md + markdown([r["shown"] for r in rows]), flush=True)
