@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -205,3 +207,58 @@ def test_avif_files_are_listed_and_read_when_pillow_can(tmp_path, real_jpg):
     Image.open(real_jpg).save(tmp_path / "a.avif")
     assert list_images([tmp_path]) == [tmp_path / "a.avif"]
     assert open_rgb(tmp_path / "a.avif").size == (256, 256)
+
+
+def _profile(name: str) -> bytes:
+    """The embedded colour profile of one of scikit-image's sample photos (real profiles shipped in a package)."""
+    import skimage.data
+
+    with Image.open(Path(skimage.data.__file__).parent / name) as im:
+        return im.info["icc_profile"]
+
+
+def _saturation(a: np.ndarray) -> float:
+    a = a.astype(float)
+    return float((a.max(-1) - a.min(-1)).mean())
+
+
+def test_embedded_colour_profiles_come_out_in_srgb(tmp_path):
+    """Adobe RGB pixels are wider-gamut than the same numbers in sRGB: converted, they come out more saturated.
+    An sRGB profile, no profile or a malformed one keeps the stored pixels."""
+    yy, xx = np.mgrid[0:32, 0:64]
+    smooth = np.stack([40 + 2.75 * xx, 40 + 5.5 * yy, np.full_like(xx, 100.0)], -1)  # saturated, smooth colours
+    px = np.concatenate([smooth, np.full((32, 64, 3), 128.0)]).round().astype(np.uint8)
+    adobe, srgb = _profile("rocket.jpg"), _profile("astronaut.png")  # "Adobe RGB (1998)", "sRGB IEC61966-2.1"
+    files = {}
+    for name, icc in (("adobe", adobe), ("srgb", srgb), ("none", None), ("broken", b"not a profile" * 20)):
+        files[name] = tmp_path / f"{name}.png"
+        Image.fromarray(px).save(files[name], **({"icc_profile": icc} if icc else {}))
+    out = {k: np.asarray(open_rgb(f)) for k, f in files.items()}
+    for k in ("srgb", "none", "broken"):
+        np.testing.assert_array_equal(out[k], px)
+    assert _saturation(out["adobe"][:32]) > 1.15 * _saturation(px[:32])
+    grey = out["adobe"][32:].astype(int)  # a neutral grey stays neutral (both white points are D65)
+    assert np.abs(grey - grey.mean(-1, keepdims=True)).max() <= 2 and abs(grey.mean() - 128) <= 6
+    # min_side reduces first, then converts: the same colours as converting the full image and reducing
+    small = np.asarray(open_rgb(files["adobe"], min_side=4)).astype(int)
+    full = np.asarray(Image.fromarray(out["adobe"]).reduce(5)).astype(int)
+    assert small.shape == full.shape and np.abs(small - full).mean() < 2
+
+
+def test_grey_and_transparent_images_with_profiles(tmp_path):
+    """A grey image with a print profile (scikit-image's page.png, "Dot Gain 20%") stays grey; RGBA with a
+    profile keeps its transparency (composited on white)."""
+    import skimage.data
+
+    page = Path(skimage.data.__file__).parent / "page.png"
+    with Image.open(page) as im:
+        stored = np.asarray(im.convert("L")).astype(int)
+    got = np.asarray(open_rgb(page)).astype(int)
+    assert np.abs(got - got.mean(-1, keepdims=True)).max() <= 1  # still grey
+    assert np.abs(got[..., 0] - stored).mean() > 2  # and the profile was applied
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[:8] = (200, 60, 60, 255)  # opaque top half, fully transparent bottom half
+    f = tmp_path / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(f, icc_profile=_profile("rocket.jpg"))
+    out = np.asarray(open_rgb(f)).astype(int)
+    assert (out[8:] == 255).all() and _saturation(out[:8]) > _saturation(rgba[:8, :, :3])

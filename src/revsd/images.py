@@ -3,13 +3,17 @@
 Every failure becomes an :class:`ImageError` whose message names the file and what is wrong, so callers can
 report the image and go on with the batch (never drop it silently). ``open_rgb(path, min_side=...)`` decodes no
 larger than a model needs (JPEG: DCT-domain draft; other formats: an integer box reduce right after decoding), so
-memory per image stays bounded whatever the file's size. :func:`scan_images` expands folders (following
+memory per image stays bounded whatever the file's size. Pixels come out as a viewer shows them: upright as the EXIF
+Orientation says, and in sRGB when the file embeds another colour profile (Adobe RGB, Display P3, grey; CMYK
+profiles take the same path, untested: none ships offline). :func:`scan_images` expands folders (following
 symlinked sub-folders with loop protection) and names everything it skips.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import io
 import math
 import os
 import threading
@@ -69,7 +73,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-DECODE_VERSION = 2  # bumped when open_rgb gives other pixels for the same file (2: EXIF Orientation honoured)
+DECODE_VERSION = 2  # bumped when open_rgb gives other pixels for the same file (2: EXIF Orientation, ICC profiles)
 
 
 def image_key(image_id: str, path: str | Path) -> str:
@@ -100,15 +104,52 @@ def shrink_factor(size: tuple[int, int], min_side: int | None) -> int:
     return max(1, min(size) // (DECODE_MARGIN * min_side)) if min_side else 1
 
 
-def _shrink(img: Image.Image, factor: int) -> Image.Image:
-    """Box-reduce by ``factor`` (transparency premultiplied so that hidden colours do not bleed), then RGB."""
-    if factor < 2:
-        return to_rgb(img)
-    if img.mode in ("RGB", "L", "CMYK"):
-        return to_rgb(img.reduce(factor))
+@functools.lru_cache(maxsize=32)
+def _icc_transform(icc: bytes, mode: str):
+    """LittleCMS transform from the embedded profile ``icc`` to sRGB for an image of ``mode`` (RGB, CMYK, L → RGB;
+    RGBA → RGBA); ``None`` when the profile is sRGB already (nothing to do) or cannot be used with ``mode``."""
+    try:
+        from PIL import ImageCms
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if ImageCms.getProfileDescription(src).strip().lower().startswith("srgb"):
+            return None
+        nocache = getattr(getattr(ImageCms, "Flags", None), "NOCACHE", 0x0040)  # shared by decoding threads
+        return ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), mode, "RGBA" if mode == "RGBA" else "RGB",
+                                       flags=nocache)
+    except Exception:  # no LittleCMS, a malformed profile or one for another colour space: pixels as stored
+        return None
+
+
+def to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
+    """``img`` (RGB, CMYK, L or RGBA) converted from its embedded colour profile ``icc`` to sRGB, as viewers show it
+    and as generated images are stored (unchanged without a profile, with an sRGB one or an unusable one)."""
+    if not icc or img.mode not in ("RGB", "CMYK", "L", "RGBA"):
+        return img
+    t = _icc_transform(bytes(icc), img.mode)
+    if t is None:
+        return img
+    try:
+        from PIL import ImageCms
+
+        return ImageCms.applyTransform(img, t)
+    except Exception:
+        return img
+
+
+def _shrink(img: Image.Image, factor: int, icc: bytes | None = None) -> Image.Image:
+    """Box-reduce by ``factor`` (transparency premultiplied so that hidden colours do not bleed), convert the
+    embedded colour profile ``icc`` to sRGB (after reducing: fewer pixels), then RGB."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        return to_rgb(img.convert("RGBA").convert("RGBa").reduce(factor).convert("RGBA"))
-    return to_rgb(img).reduce(factor)
+        if factor >= 2:
+            img = img.convert("RGBA").convert("RGBa").reduce(factor).convert("RGBA")
+    elif img.mode in ("RGB", "L", "CMYK"):
+        if factor >= 2:
+            img = img.reduce(factor)
+    else:
+        img = to_rgb(img)
+        img = img.reduce(factor) if factor >= 2 else img
+    return to_rgb(to_srgb(img, icc))
 
 
 # EXIF Orientation (tag 0x0112) → the transpose that shows the image upright, as viewers do (PIL's exif_transpose)
@@ -140,7 +181,8 @@ def _missing(path: Path) -> str:
 
 
 def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Image.Image:
-    """Open, decode and convert an image to RGB, upright as its EXIF Orientation says, or raise :class:`ImageError`.
+    """Open, decode and convert an image to RGB, upright as its EXIF Orientation says and in sRGB when it embeds
+    another colour profile, or raise :class:`ImageError`.
 
     ``min_side`` (e.g. the model's input size): decode at most what is needed, keeping the shorter side
     ≥ ``DECODE_MARGIN × min_side`` (never below the image's own size); ``None`` decodes at full size.
@@ -166,7 +208,7 @@ def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int | Non
                 with decode_budget(im.size[0] * im.size[1] * max(len(im.getbands()), 3) * 2):
                     im.load()
                     turn = _orientation(im)  # after load: a PNG's getexif() would decode outside the budget
-                    out = _shrink(im, shrink_factor(im.size, min_side))
+                    out = _shrink(im, shrink_factor(im.size, min_side), im.info.get("icc_profile"))
                     return out.transpose(turn) if turn is not None else out
     except ImageError:
         raise
