@@ -180,6 +180,14 @@ def test_predict_moves_out_of_domain_photos_to_their_image_prior(demo_like_run, 
     for r in recs[len(SKIMAGE_PHOTOS):]:
         if r["in_domain"] == 1:
             np.testing.assert_allclose(r["embedding"], r["model_embedding"], atol=1e-6)
+    # --guard-alpha: a stricter guard moves every image at least as far, and the summary line says so
+    strict = tmp_path / "strict.jsonl"
+    assert predict.main([*map(str, files), "--model", str(demo_like_run), "--bank", str(tmp_path / "bank"),
+                         "--out", str(strict), "--guard-alpha", "0.05"]) == 0
+    assert "guard alpha 0.05: moved towards" in capsys.readouterr().err
+    stricter = [json.loads(line)["in_domain"] for line in strict.read_text().splitlines()]
+    assert all(s <= r["in_domain"] + 1e-6 for s, r in zip(stricter, recs))
+    assert any(s < r["in_domain"] - 1e-3 for s, r in zip(stricter, recs))
     # --broad-prior, or a prior that cannot be built: the guard moves towards the bank's mean instead
     broad = domain.bank_prior(load_bank(tmp_path / "bank").emb)
     photos_only = [str(f) for f in files[:3]]

@@ -198,6 +198,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="score the model alone, even for files that carry their own prompt")
     ap.add_argument("--no-guard", action="store_true",
                     help="no domain guard: embedding = the model's own, in_domain null")
+    ap.add_argument("--guard-alpha", type=float, default=argparse.SUPPRESS, metavar="A",
+                    help=f"the guard's strictness (default: the run's, {domain.ALPHA}): images beyond the (1 - A) "
+                    "quantile of the run's own held-out scores move towards the prior; larger A moves more images, in "
+                    "domain ones too (trade-off: bench/results/guard_scores.md)")
     ap.add_argument("--broad-prior", action="store_true", help="guard towards the bank's mean embedding, not "
                     "the image-conditioned prior (ImageNet classes -> bank prompts, revsd.prior)")
     ap.add_argument("--txt", action="store_true", help="write the prompt to <image>.txt next to each image")
@@ -210,12 +214,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     """Every option value, before anything is read or written (raises :class:`UsageError`)."""
+    a = args.guard_alpha = getattr(args, "guard_alpha", None)  # suppressed default: the run's own
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     if args.k < 1:
         raise UsageError(f"--k must be ≥ 1, got {args.k}")
     if not 0.0 <= args.word_threshold <= 1.0:
         raise UsageError(f"--word-threshold must be within 0..1, got {args.word_threshold}")
+    if a is not None and (args.no_guard or not 0.0 < a < 1.0):
+        raise UsageError("--guard-alpha sets the domain guard's strictness; it cannot go with --no-guard"
+                         if args.no_guard else f"--guard-alpha must be within 0..1 (exclusive), got {a}")
     for flag, value in (("--out", args.out), ("--kaggle-submission", args.kaggle_submission)):
         if value is None:
             continue
@@ -285,6 +293,7 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
     if not args.no_guard:
         try:
             guard = domain.load_or_fit(model_dir, predictor, min_side(predictor))
+            guard.alpha = args.guard_alpha or guard.alpha  # --guard-alpha: this call only, never saved
         except Exception as e:  # no train/val rows for this run (e.g. a copied model): predict unguarded
             _say(f"revsd predict: no domain guard for {model_dir} ({_one_line(e)}); in_domain is null and "
                  "embeddings are the model's own (--no-guard silences this)")
@@ -325,7 +334,8 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
             bar.update(len(recs))
     dt = time.perf_counter() - t0
     towards = "the image-conditioned prior" if image_prior is not None else "the bank's mean"
-    guarded = (f", {n_out} out of domain (in_domain < {domain.OUT_OF_DOMAIN}: moved towards {towards})"
+    strict = f", guard alpha {guard.alpha:g}" if guard is not None and args.guard_alpha is not None else ""
+    guarded = (f", {n_out} out of domain (in_domain < {domain.OUT_OF_DOMAIN}{strict}: moved towards {towards})"
                if guard is not None else ", no domain guard")
     _say(f"revsd predict: {n_ok} ok, {len(failed)} failed{guarded}, {n_meta} prompt(s) from file metadata, "
          f"{len(files) / max(dt, 1e-9):.1f} images/s ({dt:.1f} s) -> {out}")
