@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from revsd import paths
-from revsd.domain import _unit, bank_prior
+from revsd.domain import _unit, bank_prior, guard
 from revsd.retrieval import PromptBank
 
 K, BETA = 20, 0.5
@@ -251,5 +251,4 @@ class ClipPrior:
         if not len(feats):
             return np.zeros((0, self.bank.emb.shape[1]), np.float32)
         idx, w = self.neighbours(feats)
-        cond = _unit(np.einsum("nk,nkd->nd", w, self.bank.emb[idx]))
-        return _unit(self.beta * cond + (1.0 - self.beta) * self.broad[None, :])
+        return guard(np.einsum("nk,nkd->nd", w, self.bank.emb[idx]), self.beta, self.broad)  # as prior.mix

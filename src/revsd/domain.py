@@ -131,9 +131,9 @@ class DomainGuard:
 
 
 def guard(emb: np.ndarray, in_domain: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """``normalize(w · emb + (1 − w) · prior)`` row-wise, ``w`` = in_domain; ``prior`` (D,) one for all images or
-    (n, D) one per image (``revsd.prior``)."""
-    w = np.asarray(in_domain, dtype=np.float32)[:, None]
+    """``normalize(w · emb + (1 − w) · prior)`` row-wise, ``w`` = in_domain (n,) or one weight for all rows;
+    ``prior`` (D,) one for all images or (n, D) one per image (``revsd.prior``, which mixes with it too)."""
+    w = np.asarray(in_domain, dtype=np.float32).reshape(-1, 1)
     p = _unit(prior)
     return _unit(w * _unit(emb) + (1.0 - w) * (p[None, :] if p.ndim == 1 else p))
 
@@ -162,7 +162,7 @@ def _same_weights(saved: dict, run_dir: Path) -> bool:
         return False
     if saved.get("mtime_ns") == now["mtime_ns"]:
         return True
-    return bool(saved.get("sha256")) and _weights_stamp(run_dir, digest=True)["sha256"] == saved["sha256"]
+    return bool(saved.get("sha256")) and file_sha256(run_dir / now["file"]) == saved["sha256"]
 
 
 def save(run_dir: str | Path, g: DomainGuard) -> None:

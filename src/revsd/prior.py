@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from revsd import paths
-from revsd.domain import _unit, bank_prior
+from revsd.domain import _unit, bank_prior, guard
 from revsd.retrieval import PromptBank, encode
 
 NEIGHBORS, TOP, BETA = 10, 20, 0.3
@@ -69,8 +69,7 @@ def mix(probs: np.ndarray, vectors: np.ndarray, broad: np.ndarray, top: int = TO
     keep = np.argsort(-probs, axis=1, kind="stable")[:, :top]
     p = np.take_along_axis(probs, keep, 1)
     p = p / np.maximum(p.sum(1, keepdims=True), 1e-12)
-    cond = _unit(np.einsum("nk,nkd->nd", p, vectors[keep]))
-    return _unit(beta * cond + (1.0 - beta) * _unit(broad)[None, :])
+    return guard(np.einsum("nk,nkd->nd", p, vectors[keep]), beta, broad)  # beta · cond + (1 − beta) · broad
 
 
 def _classifier_head(variant: str) -> torch.nn.Linear:
