@@ -224,6 +224,68 @@ def test_diffusiondb_prompt_chunk(tmp_path):
     assert r.info == {**dict.fromkeys(metadata.FIELDS), "prompt": DIFFUSIONDB_PROMPT, "tool": "diffusiondb"}
 
 
+def test_refiner_prompt_counted_once(tmp_path):
+    """Base + refiner encode the same text in two nodes: the prompt holds it once (through sd-parsers)."""
+    graph = {**COMFY_GRAPH, "10": {"class_type": "KSamplerAdvanced", "inputs": {
+        "add_noise": "disable", "noise_seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+        "scheduler": "normal", "start_at_step": 20, "end_at_step": 25, "return_with_leftover_noise": "disable",
+        "model": ["4", 0], "positive": ["11", 0], "negative": ["7", 0], "latent_image": ["3", 0]}},
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"text": COMFY_PROMPT, "clip": ["4", 1]}}}
+    links = COMFY_WORKFLOW["links"] + [[20, 4, 0, 10, 0, "MODEL"], [21, 11, 0, 10, 1, "CONDITIONING"],
+                                       [22, 7, 0, 10, 2, "CONDITIONING"], [23, 3, 0, 10, 3, "LATENT"],
+                                       [24, 4, 1, 11, 0, "CLIP"]]
+    chunks = {"prompt": json.dumps(graph), "workflow": json.dumps({**COMFY_WORKFLOW, "links": links})}
+    assert metadata.read(write_png(tmp_path / "r.png", chunks)).info["prompt"] == COMFY_PROMPT
+
+
+MIDJOURNEY = ("https://s.mj.run/abc123 a lighthouse in a storm, oil on canvas --ar 2:1 --no people, boats "
+              "--seed 4242 --v 6.1 Job ID: a7421d2f-b262-44f9-977c-ac23e9c7d3e3")
+
+
+def test_midjourney_png_and_jpeg(tmp_path):
+    want = {**dict.fromkeys(metadata.FIELDS), "prompt": "a lighthouse in a storm, oil on canvas",
+            "negative_prompt": "people, boats", "model": "Midjourney v6.1", "seed": 4242, "tool": "midjourney"}
+    chunks = {"Description": MIDJOURNEY, "Author": "someone", "Creation Time": "2024-11-01T10:00:00Z"}
+    assert metadata.read(write_png(tmp_path / "m.png", chunks)).info == want
+    assert metadata.read(write_exif(tmp_path / "m.jpg", tags={0x010E: MIDJOURNEY})).info == want
+    r = metadata.read(write_png(tmp_path / "n.png", {"Description": "a cat --niji 6 Job ID: 1-2-3"}))
+    assert (r.info["prompt"], r.info["model"]) == ("a cat", "Midjourney niji 6")
+
+
+def test_draw_things_xmp(tmp_path):
+    """Draw Things: an A1111-like dc:description and the JSON settings in exif:UserComment; the JSON wins."""
+    settings = {"c": "a koi pond at dawn, ukiyo-e", "uc": "text", "model": "sd_xl_base_1.0_f16.ckpt",
+                "sampler": "DPM++ 2M Karras", "seed": 3141, "steps": 30, "scale": 5.5, "size": "1024x768"}
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+           'xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:xmp="http://ns.adobe.com/xap/1.0/">'
+           '<xmp:CreatorTool>Draw Things</xmp:CreatorTool><dc:description><rdf:Alt><rdf:li xml:lang="x-default">'
+           'a koi pond at dawn, ukiyo-e&#10;-text&#10;Steps: 30, Sampler: DPM++ 2M Karras</rdf:li></rdf:Alt>'
+           '</dc:description><exif:UserComment><rdf:Alt><rdf:li xml:lang="x-default">'
+           f'{json.dumps(settings).replace(chr(34), "&quot;")}</rdf:li></rdf:Alt></exif:UserComment>'
+           '</rdf:Description></rdf:RDF></x:xmpmeta>').encode()
+    for suffix in (".png", ".jpg"):
+        _pixels().save(tmp_path / f"d{suffix}", xmp=xmp) if suffix == ".jpg" else \
+            write_png(tmp_path / "d.png", {"XML:com.adobe.xmp": xmp.decode()}, itxt=True)
+        assert metadata.read(tmp_path / f"d{suffix}").info == {
+            "prompt": "a koi pond at dawn, ukiyo-e", "negative_prompt": "text", "model": "sd_xl_base_1.0_f16.ckpt",
+            "seed": 3141, "steps": 30, "sampler": "DPM++ 2M Karras", "cfg": 5.5, "width": 1024, "height": 768,
+            "tool": "drawthings"}
+
+
+def test_easy_diffusion_chunks_and_json(tmp_path):
+    settings = {"prompt": "a steampunk owl, intricate", "negative_prompt": "lowres", "seed": 99,
+                "use_stable_diffusion_model": "sd-v1-5", "num_inference_steps": 25, "guidance_scale": 7.5,
+                "width": 512, "height": 768, "sampler_name": "euler_a"}
+    want = {"prompt": "a steampunk owl, intricate", "negative_prompt": "lowres", "model": "sd-v1-5", "seed": 99,
+            "steps": 25, "sampler": "euler_a", "cfg": 7.5, "width": 512, "height": 768, "tool": "easydiffusion"}
+    assert metadata.read(write_png(tmp_path / "e.png", {k: str(v) for k, v in settings.items()})).info == want
+    assert metadata.read(write_png(tmp_path / "j.png", {"parameters": json.dumps(settings)})).info == want
+    other = {"prompt": "a paper boat", "seed": 5, "cfg_scale": 3}
+    assert metadata.read(write_png(tmp_path / "o.png", {"parameters": json.dumps(other)})).info == {
+        **dict.fromkeys(metadata.FIELDS), "prompt": "a paper boat", "seed": 5, "cfg": 3.0, "tool": "other"}
+
+
 def test_no_metadata_is_not_claimed(tmp_path):
     assert metadata.read(plain_jpeg(tmp_path / "plain.jpg")) == metadata.MetadataResult(None, None)
     assert metadata.read(write_png(tmp_path / "gimp.png", {"Software": "GIMP 2.10", "Comment": "made by hand"})) \

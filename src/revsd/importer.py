@@ -1,8 +1,9 @@
 """``revsd data import DIR... --out DS [--recursive] [--copy]``: your own generations as a training set.
 
-Reads the generation metadata of every image under ``DIR...`` (:mod:`revsd.metadata`: A1111/Forge, ComfyUI,
-InvokeAI, NovelAI, Fooocus, SwarmUI, DiffusionDB chunks) and writes the images that carry a prompt as a
-dataset in DiffusionDB's on-disk format, the one 01_filter reads (``source: <DS>`` in a profile)::
+Reads the generation metadata of every image under ``DIR...`` (:mod:`revsd.metadata` lists the formats: A1111/Forge,
+ComfyUI, InvokeAI, NovelAI, Fooocus, SwarmUI, Draw Things, Easy Diffusion, Midjourney, DiffusionDB chunks) and
+writes the images that carry a prompt as a dataset in DiffusionDB's on-disk format, the one 01_filter reads
+(``source: <DS>`` in a profile)::
 
     DS/images/part-000001/<sha256[:16]>.<ext>    the image (hard link when DS is on the same filesystem, else a copy)
     DS/images/part-000001/part-000001.json      {image_name: {"p": prompt, "se": seed, "c": cfg, "st": steps,

@@ -14,12 +14,19 @@ tool             where                                                   parser
 ================ ======================================================= =========================================
 ``a1111``        PNG ``parameters``; JPEG/WebP EXIF UserComment or XMP   sd-parsers; own fallback for lines without
                  (AUTOMATIC1111, Forge, SD.Next, ...)                    a ``Sampler:`` and for prompt-only text
-``comfyui``      PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  sd-parsers; links rebuilt from the prompt
-                                                                         graph when ``workflow`` is absent
+``comfyui``      PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  sd-parsers when ``workflow`` is there;
+                                                                         else, or when it finds no prompt (Flux/
+                                                                         SD3 ``SamplerCustomAdvanced``), our own
+                                                                         graph tracer, :mod:`revsd.comfy`
 ``invokeai``     PNG ``invokeai_metadata``, ``sd-metadata``, ``Dream``   sd-parsers
 ``novelai``      PNG ``Description`` + ``Comment`` (``Software: NovelAI``) sd-parsers
-``fooocus``      PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers
-``swarmui``      ``parameters`` / UserComment JSON ``sui_image_params``   own (small JSON reader)
+``fooocus``      PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers; own (``ALIASES``) if refused
+``swarmui``      ``parameters`` / UserComment JSON ``sui_image_params``   own (``ALIASES``)
+``drawthings``   XMP ``exif:UserComment`` JSON (``c``, ``uc``, ...)       own (``ALIASES``)
+``easydiffusion`` PNG chunk per setting, or ``parameters`` JSON           own (``ALIASES``)
+``midjourney``   PNG ``Description`` / EXIF ImageDescription with         own: the text before the first ``--``
+                 ``Job ID:``                                             parameter, image URLs dropped
+``other``        ``parameters`` JSON of another tool with a prompt field  own (``ALIASES``)
 ``diffusiondb``  PNG ``prompt`` holding plain text (not a ComfyUI graph)  own
 ================ ======================================================= =========================================
 
@@ -54,6 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from revsd import comfy
 
 FIELDS = ("prompt", "negative_prompt", "model", "seed", "steps", "sampler", "cfg", "width", "height", "tool")
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
@@ -165,6 +174,8 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
                 found.setdefault(m.group(1), m.group(2))
             elif isinstance(v, str) and "sui_image_params" in v:
                 found.setdefault("parameters", v)
+            elif isinstance(v, str) and "Job ID:" in v:  # Midjourney JPEG/WebP
+                found.setdefault("Description", v)
     except Exception as e:
         problems.append(f"EXIF unreadable ({type(e).__name__}: {e})")
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
@@ -172,7 +183,7 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
         try:
             texts = _xmp_texts(xmp)
             if texts:
-                found.setdefault("parameters", texts[0])
+                found.setdefault("parameters", next((t for t in texts if t.startswith("{")), texts[0]))
         except Exception as e:
             problems.append(f"XMP unreadable ({type(e).__name__}: {e})")
     return found, problems
@@ -204,13 +215,13 @@ def _size(v) -> tuple[int | None, int | None]:
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
-def _info(tool, prompt, negative=None, model=None, seed=None, steps=None, sampler=None, cfg=None,
+def _info(tool, prompt, negative_prompt=None, model=None, seed=None, steps=None, sampler=None, cfg=None,
           width=None, height=None) -> dict | None:
     prompt = _text(prompt)
     if not prompt:
         return None
-    return {"prompt": prompt, "negative_prompt": _text(negative), "model": _text(model), "seed": _num(seed, int),
-            "steps": _num(steps, int), "sampler": _text(sampler), "cfg": _num(cfg, float),
+    return {"prompt": prompt, "negative_prompt": _text(negative_prompt), "model": _text(model),
+            "seed": _num(seed, int), "steps": _num(steps, int), "sampler": _text(sampler), "cfg": _num(cfg, float),
             "width": _num(width, int), "height": _num(height, int), "tool": tool}
 
 
@@ -230,8 +241,9 @@ def _from_library(tool: str, pi) -> dict | None:
                  if isinstance(d, dict) and "width" in d and "height" in d]
         w, h = (sizes[0]["width"], sizes[0]["height"]) if sizes else (None, None)
     model = next((m.name or m.hash for m in pi.models), None)
-    prompt = ", ".join(str(x) for x in pi.prompts)  # not full_prompt: Fooocus's holds the style expansions
-    negative = ", ".join(str(x) for x in pi.negative_prompts)
+    # not full_prompt: Fooocus's holds the style expansions; each text once (a refiner re-encodes the same prompt)
+    prompt = ", ".join(dict.fromkeys(str(x) for x in pi.prompts))
+    negative = ", ".join(dict.fromkeys(str(x) for x in pi.negative_prompts))
     p = {**meta, **p}  # some tools keep steps/seed beside the sampler's own parameters
     return _info(tool, prompt, negative, model, p.get("seed", p.get("noise_seed")),
                  p.get("steps"), s.name if s and s.name != "unknown" else None, p.get("cfg_scale"), w, h)
@@ -249,24 +261,47 @@ def _a1111_own(text: str) -> dict | None:
                  settings.get("Steps"), settings.get("Sampler"), settings.get("CFG scale"), w, h)
 
 
-def _fooocus_own(p: dict) -> dict | None:
-    """Fooocus JSON the library refused (e.g. no ``base_model_hash``)."""
-    w, h = _size(p.get("resolution"))
-    return _info("fooocus", p.get("prompt"), p.get("negative_prompt"), p.get("base_model"), p.get("seed"),
-                 p.get("steps"), p.get("sampler"), p.get("guidance_scale"), w, h)
+# the names tools give each setting when they store settings as named values (a JSON object, or one PNG text chunk
+# per setting): Fooocus, SwarmUI (``sui_image_params``), Draw Things (``c``/``uc``), Easy Diffusion; first found wins
+ALIASES = {"prompt": ("prompt", "Prompt", "c"),
+           "negative_prompt": ("negative_prompt", "negativeprompt", "Negative Prompt", "uc"),
+           "model": ("base_model", "model", "use_stable_diffusion_model", "Stable Diffusion model"),
+           "seed": ("seed", "Seed"), "steps": ("steps", "num_inference_steps", "Steps"),
+           "sampler": ("sampler", "sampler_name", "Sampler"),
+           "cfg": ("guidance_scale", "cfg_scale", "cfgscale", "scale", "Guidance Scale"),
+           "width": ("width", "Width"), "height": ("height", "Height")}
 
 
-def _swarmui(obj: dict) -> dict | None:
-    p = obj.get("sui_image_params") or {}
-    return _info("swarmui", p.get("prompt"), p.get("negativeprompt"), p.get("model"), p.get("seed"), p.get("steps"),
-                 p.get("sampler"), p.get("cfgscale"), p.get("width"), p.get("height"))
+def _keyed(tool: str, d: dict) -> dict | None:
+    """Our fields from settings stored under names (see ``ALIASES``); values that are not scalars are skipped."""
+    def get(field):
+        return next((d[k] for k in ALIASES[field] if isinstance(d.get(k), (str, int, float)) and d[k] != ""), None)
+
+    w, h = get("width"), get("height")
+    if w is None:
+        w, h = _size(d.get("resolution") or d.get("size"))
+    return _info(tool, get("prompt"), get("negative_prompt"), get("model"), get("seed"), get("steps"),
+                 get("sampler"), get("cfg"), w, h)
 
 
-def _comfy_links(graph: dict) -> dict:
-    """A ``workflow`` dict with the links rebuilt from the API graph (input name as the link type)."""
-    links = [[0, str(v[0]), v[1], str(nid), 0, name.upper()] for nid, node in graph.items() if isinstance(node, dict)
-             for name, v in (node.get("inputs") or {}).items() if isinstance(v, list) and len(v) == 2]
-    return {"links": links}
+def _json_tool(obj: dict) -> str:
+    if "c" in obj and "prompt" not in obj:
+        return "drawthings"
+    if {"use_stable_diffusion_model", "num_inference_steps"} & obj.keys():
+        return "easydiffusion"
+    return "fooocus" if {"base_model", "full_prompt"} & obj.keys() or "Fooocus" in str(obj.get("version")) else "other"
+
+
+def _midjourney(text: str) -> dict | None:
+    """Midjourney's ``Description``: ``<image URLs> <prompt> --ar 2:1 --v 6 Job ID: <uuid>``."""
+    body = text.split("Job ID:")[0]
+    prompt = re.split(r"\s--[a-z]", " " + body, maxsplit=1)[0]
+    prompt = re.sub(r"^\s*(<?https?://\S+>?\s+)*", "", prompt)
+    seed = re.search(r"--seed\s+(\d+)", body)
+    version = re.search(r"--(v|niji)\s+([\d.]+)", body)
+    negative = re.search(r"--no\s+(.*?)(?=\s--|$)", body.strip())
+    model = f"Midjourney {'niji ' if version.group(1) == 'niji' else 'v'}{version.group(2)}" if version else None
+    return _info("midjourney", prompt, negative.group(1) if negative else None, model, seed.group(1) if seed else None)
 
 
 def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
@@ -289,11 +324,12 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
                 obj = json.loads(s)
             except json.JSONDecodeError as e:
                 return None, f"'parameters' metadata is malformed JSON ({e})"
-            if isinstance(obj, dict) and "sui_image_params" in obj:
-                return _swarmui(obj), None
-            if isinstance(obj, dict) and "prompt" in obj:
-                info, err = lib("fooocus", FooocusParser, {"parameters": s})
-                return (info, None) if info else (_fooocus_own(obj), None if _fooocus_own(obj) else err)
+            if isinstance(obj, dict) and isinstance(obj.get("sui_image_params"), dict):
+                return _keyed("swarmui", obj["sui_image_params"]), None
+            if isinstance(obj, dict) and _keyed("other", obj):
+                tool = _json_tool(obj)
+                info = lib("fooocus", FooocusParser, {"parameters": s})[0] if tool == "fooocus" else None
+                return info or _keyed(tool, obj), None
             return None, "'parameters' metadata is JSON of an unknown tool (no prompt field)"
         info, _ = lib("a1111", AUTOMATIC1111Parser, {"parameters": s})
         info = info or _a1111_own(s)
@@ -301,28 +337,32 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
     invoke = {k: chunks[k] for k in ("invokeai_metadata", "invokeai_graph", "sd-metadata", "Dream") if k in chunks}
     if invoke:
         return lib("invokeai", InvokeAIParser, invoke)
+    if "Job ID:" in chunks.get("Description", ""):
+        return _midjourney(chunks["Description"]), None
     if chunks.get("Software") == "NovelAI" or {"Description", "Comment", "Source"} <= chunks.keys():
         return lib("novelai", NovelAIParser, chunks)
     if "comment" in chunks and chunks["comment"].lstrip().startswith("{"):  # Fooocus JPEG
         return _parse({"parameters": chunks["comment"]})
-    prompt = chunks.get("prompt")
+    prompt = chunks.get("prompt", chunks.get("Prompt"))
     if prompt is not None:
         s = prompt.strip()
-        if not s.startswith("{"):
-            return _info("diffusiondb", s), (None if s else "'prompt' metadata is empty")
+        if not s.startswith("{"):  # DiffusionDB: the prompt alone; Easy Diffusion: a chunk per setting
+            tool = "easydiffusion" if {"num_inference_steps", "Stable Diffusion model"} & chunks.keys() else "diffusiondb"
+            return _keyed(tool, {**chunks, "prompt": s}), (None if s else "'prompt' metadata is empty")
         try:
             graph = json.loads(s)
         except json.JSONDecodeError as e:
             return None, f"'prompt' metadata is malformed JSON ({e})"
         if not isinstance(graph, dict) or not any(isinstance(n, dict) and "class_type" in n for n in graph.values()):
             return None, "'prompt' metadata is JSON but not a ComfyUI graph"
-        info = None
         if "workflow" in chunks:
             info, _ = lib("comfyui", ComfyUIParser, {"prompt": s, "workflow": chunks["workflow"]})
-        if info is None:  # no/unusable workflow, or reroute nodes hid the links: rebuild them from the graph
-            info, err = lib("comfyui", ComfyUIParser, {"prompt": graph, "workflow": _comfy_links(graph)})
-            return info, err  # a valid graph without a text prompt (e.g. upscale only) is no metadata claim
-        return info, None
+            if info:
+                return info, None
+        # no/unusable workflow, reroute nodes hiding the links, or a sampler sd-parsers does not know (Flux's
+        # SamplerCustomAdvanced): trace the graph ourselves. A graph without a text prompt is no metadata claim.
+        own = comfy.read(graph)
+        return (_info("comfyui", **own) if own else None), None
     return None, None
 
 

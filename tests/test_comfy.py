@@ -1,0 +1,116 @@
+"""ComfyUI graphs that sd-parsers reads nothing from, traced by revsd.comfy; through metadata.read on real PNGs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from test_metadata import COMFY_GRAPH, COMFY_PROMPT, write_png
+
+from revsd import comfy, metadata
+
+FLUX_PROMPT = "a cute anime girl with massive fluffy fennec ears and a big fluffy tail"
+# the shape of ComfyUI's Flux dev example: no node has sampler_name + steps + cfg together
+FLUX = {
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": FLUX_PROMPT, "clip": ["11", 0]}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["10", 0]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    "10": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+    "11": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5xxl_fp16.safetensors",
+                                                      "clip_name2": "clip_l.safetensors", "type": "flux"}},
+    "12": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+    "13": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["25", 0], "guider": ["22", 0],
+                                                             "sampler": ["16", 0], "sigmas": ["17", 0],
+                                                             "latent_image": ["27", 0]}},
+    "16": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+    "17": {"class_type": "BasicScheduler", "inputs": {"scheduler": "simple", "steps": 20, "denoise": 1.0,
+                                                      "model": ["30", 0]}},
+    "22": {"class_type": "BasicGuider", "inputs": {"model": ["30", 0], "conditioning": ["26", 0]}},
+    "25": {"class_type": "RandomNoise", "inputs": {"noise_seed": 219670278747233}},
+    "26": {"class_type": "FluxGuidance", "inputs": {"guidance": 3.5, "conditioning": ["6", 0]}},
+    "27": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 768, "batch_size": 1}},
+    "30": {"class_type": "ModelSamplingFlux", "inputs": {"max_shift": 1.15, "base_shift": 0.5, "width": 1024,
+                                                         "height": 768, "model": ["12", 0]}},
+}
+
+
+def workflow_of(graph: dict) -> dict:
+    """The ``workflow`` chunk's links as ComfyUI writes them (link type = the output's type)."""
+    kinds = {"clip": "CLIP", "model": "MODEL", "vae": "VAE", "samples": "LATENT", "latent_image": "LATENT",
+             "images": "IMAGE", "noise": "NOISE", "guider": "GUIDER", "sampler": "SAMPLER", "sigmas": "SIGMAS"}
+    links = [[i, int(v[0]), v[1], int(nid), 0, kinds.get(name, "CONDITIONING")]
+             for i, (nid, name, v) in enumerate((nid, name, v) for nid, node in graph.items()
+                                                for name, v in node["inputs"].items() if isinstance(v, list))]
+    return {"nodes": [{"id": int(k), "type": v["class_type"]} for k, v in graph.items()], "links": links}
+
+
+def test_flux_sampler_custom_advanced_with_and_without_workflow(tmp_path):
+    for chunks in ({"prompt": json.dumps(FLUX)}, {"prompt": json.dumps(FLUX), "workflow": json.dumps(workflow_of(FLUX))}):
+        r = metadata.read(write_png(tmp_path / "flux.png", chunks))
+        assert r.warning is None
+        assert r.info == {"prompt": FLUX_PROMPT, "negative_prompt": None, "model": "flux1-dev.safetensors",
+                          "seed": 219670278747233, "steps": 20, "sampler": "euler", "cfg": None,
+                          "width": 1024, "height": 768, "tool": "comfyui"}
+
+
+def test_cfg_guider_negative_and_text_from_string_nodes():
+    g = copy.deepcopy(FLUX)
+    g["22"] = {"class_type": "CFGGuider", "inputs": {"model": ["30", 0], "positive": ["26", 0],
+                                                     "negative": ["40", 0], "cfg": 4.5}}
+    g["40"] = {"class_type": "CLIPTextEncode", "inputs": {"text": ["41", 0], "clip": ["11", 0]}}
+    g["41"] = {"class_type": "PrimitiveString", "inputs": {"value": "blurry, watermark"}}
+    g["6"]["inputs"]["text"] = ["42", 0]
+    g["42"] = {"class_type": "StringConcatenate", "inputs": {"string_a": ["43", 0], "string_b": "golden hour",
+                                                             "delimiter": ", "}}
+    g["43"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a red fox in the snow"}}
+    info = comfy.read(g)
+    assert info["prompt"] == "a red fox in the snow, golden hour"
+    assert info["negative_prompt"] == "blurry, watermark"
+    assert info["cfg"] == 4.5
+
+
+def test_sdxl_encoders_refiner_and_hires_pass():
+    """text_g/text_l once each; the first pass (its latent is empty) gives the prompt, not the hires pass."""
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["6"] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {"text_g": COMFY_PROMPT, "text_l": COMFY_PROMPT,
+                                                             "width": 1024, "height": 1024, "clip": ["4", 1]}}
+    g["20"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact",
+                                                         "width": 2048, "height": 2048, "crop": "disabled"}}
+    g["2"] = {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 10, "cfg": 5.0, "sampler_name": "dpmpp_2m",
+                                                   "scheduler": "karras", "denoise": 0.5, "model": ["4", 0],
+                                                   "positive": ["21", 0], "negative": ["7", 0],
+                                                   "latent_image": ["20", 0]}}
+    g["21"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "sharp details", "clip": ["4", 1]}}
+    info = comfy.read(g)
+    assert info["prompt"] == COMFY_PROMPT
+    assert (info["seed"], info["steps"], info["width"], info["height"]) == (156680208700286, 20, 512, 640)
+    g["6"]["inputs"]["text_l"] = "oil painting"
+    assert comfy.read(g)["prompt"] == f"{COMFY_PROMPT}, oil painting"
+
+
+def test_area_composition_and_lora_chain():
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["3"]["inputs"]["positive"] = ["30", 0]
+    g["30"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["31", 0]}}
+    g["31"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["32", 0], "width": 256, "height": 256,
+                                                               "x": 0, "y": 0, "strength": 1.0}}
+    g["32"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a full moon", "clip": ["4", 1]}}
+    g["3"]["inputs"]["model"] = ["33", 0]
+    g["33"] = {"class_type": "LoraLoader", "inputs": {"lora_name": "detail.safetensors", "strength_model": 1.0,
+                                                      "strength_clip": 1.0, "model": ["4", 0], "clip": ["4", 1]}}
+    info = comfy.read(g)
+    assert info["prompt"] == f"{COMFY_PROMPT}, a full moon"
+    assert info["model"] == "v1-5-pruned-emaonly.safetensors"
+
+
+def test_graphs_without_a_prompt_claim_nothing(tmp_path):
+    upscale = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+               "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "lanczos",
+                                                              "scale_by": 2.0}},
+               "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "up"}}}
+    assert comfy.read(upscale) is None
+    cyclic = {"1": {"class_type": "KSampler", "inputs": {"positive": ["2", 0], "seed": 3}},
+              "2": {"class_type": "Odd", "inputs": {"conditioning": ["1", 0]}}}
+    assert comfy.read(cyclic) is None
+    r = metadata.read(write_png(tmp_path / "up.png", {"prompt": json.dumps(upscale)}))
+    assert (r.info, r.warning) == (None, None)
