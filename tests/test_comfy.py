@@ -103,6 +103,50 @@ def test_area_composition_and_lora_chain():
     assert info["model"] == "v1-5-pruned-emaonly.safetensors"
 
 
+def test_nodes_carrying_both_prompts_pass_on_one(tmp_path):
+    """ControlNetApplyAdvanced holds positive and negative: sd-parsers put the negative inside the prompt."""
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["3"]["inputs"].update(positive=["12", 0], negative=["12", 1])
+    g["12"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["13", 0], "image": ["14", 0], "strength": 0.8,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    g["13"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny.safetensors"}}
+    g["14"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
+    r = metadata.read(write_png(tmp_path / "cn.png", {"prompt": json.dumps(g), "workflow": json.dumps(workflow_of(g))}))
+    assert (r.info["prompt"], r.info["negative_prompt"]) == (COMFY_PROMPT, "text, watermark")
+    # a loader node that takes both prompts as strings (efficiency-nodes' "Efficient Loader")
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["3"]["inputs"].update(positive=["20", 1], negative=["20", 2], model=["20", 0])
+    g["20"] = {"class_type": "Efficient Loader", "inputs": {"ckpt_name": "dreamshaper_8.safetensors",
+                                                            "positive": "a paper crane", "negative": "blurry",
+                                                            "lora_stack": ["21", 0]}}
+    g["21"] = {"class_type": "LoRA Stacker", "inputs": {"lora_count": 1, "lora_name_1": "None"}}
+    info = comfy.read(g)
+    assert (info["prompt"], info["negative_prompt"], info["model"]) == ("a paper crane", "blurry",
+                                                                        "dreamshaper_8.safetensors")
+
+
+def test_gligen_box_after_the_main_prompt_and_sampler_custom():
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["3"]["inputs"]["positive"] = ["30", 0]
+    g["30"] = {"class_type": "GLIGENTextBoxApply", "inputs": {"conditioning_to": ["6", 0], "clip": ["4", 1],
+                                                              "gligen_textbox_model": ["31", 0], "text": "a red boat",
+                                                              "width": 256, "height": 128, "x": 0, "y": 256}}
+    g["31"] = {"class_type": "GLIGENLoader", "inputs": {"gligen_name": "gligen.safetensors"}}
+    assert comfy.read(g)["prompt"] == f"{COMFY_PROMPT}, a red boat"
+    # SDXL Turbo's graph: SamplerCustom with its own cfg and seed, steps from the scheduler node
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["3"] = {"class_type": "SamplerCustom", "inputs": {"add_noise": True, "noise_seed": 7, "cfg": 1.0,
+                                                        "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                        "sampler": ["40", 0], "sigmas": ["41", 0],
+                                                        "latent_image": ["5", 0]}}
+    g["40"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}}
+    g["41"] = {"class_type": "SDTurboScheduler", "inputs": {"steps": 1, "denoise": 1.0, "model": ["4", 0]}}
+    info = comfy.read(g)
+    assert (info["prompt"], info["seed"], info["steps"], info["sampler"], info["cfg"]) == \
+        (COMFY_PROMPT, 7, 1, "euler_ancestral", 1.0)
+
+
 def test_graphs_without_a_prompt_claim_nothing(tmp_path):
     upscale = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
                "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "lanczos",

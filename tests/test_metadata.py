@@ -225,7 +225,7 @@ def test_diffusiondb_prompt_chunk(tmp_path):
 
 
 def test_refiner_prompt_counted_once(tmp_path):
-    """Base + refiner encode the same text in two nodes: the prompt holds it once (through sd-parsers)."""
+    """Base + refiner encode the same text in two nodes: the prompt holds it once."""
     graph = {**COMFY_GRAPH, "10": {"class_type": "KSamplerAdvanced", "inputs": {
         "add_noise": "disable", "noise_seed": 1, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
         "scheduler": "normal", "start_at_step": 20, "end_at_step": 25, "return_with_leftover_noise": "disable",

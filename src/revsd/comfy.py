@@ -10,8 +10,10 @@ those and every ``KSampler``-style graph:
 - **the prompt**: from its ``positive`` (or the guider's ``positive``/``conditioning``) back along every link but
   models, CLIPs, images, masks and latents, to the nodes holding text (``text``, SDXL's ``text_g``/``text_l``,
   Flux's ``t5xxl``/``clip_l``, ...); a text input linked to a string node (``PrimitiveString``, a text or
-  concatenation node) is resolved. Several texts (area composition, SDXL's two encoders) are joined with ", ",
-  each once;
+  concatenation node) is resolved. A node that carries both prompts (``ControlNetApplyAdvanced``, video and edit
+  conditioning, loaders taking both as strings) passes on only the one asked for: sd-parsers followed both, and
+  behind a ControlNet returned the negative inside the positive. Several texts (area composition, GLIGEN boxes,
+  SDXL's two encoders) are joined with ", ", upstream first, each once;
 - **the settings**: seed, steps, cfg and sampler from the sampler or the nodes it links to (``RandomNoise``,
   ``BasicScheduler``, ``CFGGuider``, ``KSamplerSelect``); the model from the first loader up its ``model`` links;
   the size from the empty latent.
@@ -58,16 +60,24 @@ def _string(graph: dict, v, seen: set) -> str | None:
     return (sep if isinstance(sep, str) else ", ").join(parts) or None
 
 
-def _texts(graph: dict, nid: str | None, seen: set) -> list[str]:
-    """Every prompt text reachable from a conditioning node, in graph order."""
+def _texts(graph: dict, nid: str | None, role: str, seen: set) -> list[str]:
+    """Every ``role`` (positive/negative) prompt text reachable from a conditioning node, upstream texts first.
+
+    A node carrying both a ``positive`` and a ``negative`` input (``ControlNetApplyAdvanced``, video and edit
+    conditioning nodes, loaders that take both prompts as strings) passes on only the one of this role."""
     if nid is None or nid in seen:
         return []
     seen.add(nid)
     inputs = _inputs(graph, nid)
-    found = [s.strip() for k in TEXT_KEYS if k in inputs and (s := _string(graph, inputs[k], set(seen)))]
-    if found:
-        return found
-    return [t for k, v in inputs.items() if k not in NOT_CONDITIONING for t in _texts(graph, _link(graph, v), seen)]
+    paired = "positive" in inputs and "negative" in inputs
+    if paired:
+        own = [inputs[role].strip()] if isinstance(inputs[role], str) else []
+        skip = NOT_CONDITIONING | {"positive", "negative"} - ({role} if not own else set())
+    else:
+        own = [s.strip() for k in TEXT_KEYS if k in inputs and (s := _string(graph, inputs[k], set(seen)))]
+        skip = NOT_CONDITIONING | set(TEXT_KEYS)
+    upstream = [t for k, v in inputs.items() if k not in skip for t in _texts(graph, _link(graph, v), role, seen)]
+    return upstream + own
 
 
 def _joined(texts: list[str]) -> str | None:
@@ -106,10 +116,10 @@ def read(graph: dict) -> dict | None:
         guider = _inputs(graph, _link(graph, inputs.get("guider")))
         cond = {**guider, **inputs}
         positive = cond.get("positive", guider.get("conditioning"))
-        prompt = _joined(_texts(graph, _link(graph, positive), set()))
+        prompt = _joined(_texts(graph, _link(graph, positive), "positive", set()))
         if not prompt:
             continue
-        negative = _joined(_texts(graph, _link(graph, cond.get("negative")), set()))
+        negative = _joined(_texts(graph, _link(graph, cond.get("negative")), "negative", set()))
         latent = _inputs(graph, _link(graph, inputs.get("latent_image")))
         return {"prompt": prompt, "negative_prompt": negative,
                 "model": _value(graph, cond, ("ckpt_name", "unet_name"), ("model",)),

@@ -14,10 +14,9 @@ tool             where                                                   parser
 ================ ======================================================= =========================================
 ``a1111``        PNG ``parameters``; JPEG/WebP EXIF UserComment or XMP   sd-parsers; own fallback for lines without
                  (AUTOMATIC1111, Forge, SD.Next, ...)                    a ``Sampler:`` and for prompt-only text
-``comfyui``      PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  sd-parsers when ``workflow`` is there;
-                                                                         else, or when it finds no prompt (Flux/
-                                                                         SD3 ``SamplerCustomAdvanced``), our own
-                                                                         graph tracer, :mod:`revsd.comfy`
+``comfyui``      PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  own graph tracer (:mod:`revsd.comfy`);
+                                                                         sd-parsers (needs ``workflow``) for
+                                                                         graphs it finds no prompt in
 ``invokeai``     PNG ``invokeai_metadata``, ``sd-metadata``, ``Dream``   sd-parsers
 ``novelai``      PNG ``Description`` + ``Comment`` (``Software: NovelAI``) sd-parsers
 ``fooocus``      PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers; own (``ALIASES``) if refused
@@ -48,6 +47,10 @@ Library choice (compared on files written by ``tests/test_metadata.py``, offline
   (missed both JPEGs, read the Fooocus JSON as an A1111 prompt, crashed on the DiffusionDB chunk); this
   module reads all 11.
   Chosen: sd-parsers, plus the small readers here for what it misses.
+- ComfyUI later moved to our own tracer first: sd-parsers finds samplers only by ``sampler_name`` + ``steps`` +
+  ``cfg`` (so nothing from Flux/SD3 ``SamplerCustomAdvanced`` graphs), and it follows every conditioning link, so
+  behind a ``ControlNetApplyAdvanced`` (which carries both prompts) it returned the negative prompt inside the
+  positive one (``tests/test_comfy.py`` builds both graphs).
 """
 
 from __future__ import annotations
@@ -355,14 +358,10 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
             return None, f"'prompt' metadata is malformed JSON ({e})"
         if not isinstance(graph, dict) or not any(isinstance(n, dict) and "class_type" in n for n in graph.values()):
             return None, "'prompt' metadata is JSON but not a ComfyUI graph"
-        if "workflow" in chunks:
-            info, _ = lib("comfyui", ComfyUIParser, {"prompt": s, "workflow": chunks["workflow"]})
-            if info:
-                return info, None
-        # no/unusable workflow, reroute nodes hiding the links, or a sampler sd-parsers does not know (Flux's
-        # SamplerCustomAdvanced): trace the graph ourselves. A graph without a text prompt is no metadata claim.
-        own = comfy.read(graph)
-        return (_info("comfyui", **own) if own else None), None
+        own = comfy.read(graph)  # first: sd-parsers follows every conditioning link (see revsd.comfy)
+        if own is None and "workflow" in chunks:  # e.g. samplers fed by text-embed nodes only sd-parsers knows
+            return lib("comfyui", ComfyUIParser, {"prompt": s, "workflow": chunks["workflow"]})[0], None
+        return (_info("comfyui", **own) if own else None), None  # a graph without a text prompt claims nothing
     return None, None
 
 
