@@ -27,6 +27,9 @@ tool             where                                                   parser
                  ``Job ID:``                                             parameter, image URLs dropped
 ``other``        ``parameters`` JSON of another tool with a prompt field  own (``ALIASES``)
 ``diffusiondb``  PNG ``prompt`` holding plain text (not a ComfyUI graph)  own
+(any of these)   hidden in the alpha channel's low bits ("stealth         :mod:`revsd.stealth`, then as above
+                 pnginfo": NovelAI, A1111's extension), when no text
+                 chunk holds metadata
 ================ ======================================================= =========================================
 
 Library choice (compared on files written by ``tests/test_metadata.py``, offline, in Pillow 13):
@@ -65,10 +68,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from revsd import comfy
+from revsd import comfy, stealth
 
 FIELDS = ("prompt", "negative_prompt", "model", "seed", "steps", "sampler", "cfg", "width", "height", "tool")
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+# the keys a generator's metadata comes under; without any of them, an image with alpha may hide it (revsd.stealth)
+KNOWN_KEYS = {"parameters", "prompt", "Prompt", "workflow", "invokeai_metadata", "invokeai_graph", "sd-metadata",
+              "Dream", "Description", "Comment", "comment"}
 EXIF_TEXT_TAGS = (0x010E, 0x010F, 0x0110)  # ImageDescription, Make, Model: ComfyUI/SwarmUI put "key:{json}" there
 SETTINGS_RE = re.compile(r"(?:^|,\s*)([A-Za-z][\w ./-]*?):\s*(\"(?:[^\"\\]|\\.)*\"|[^,]*)")
 
@@ -189,7 +195,18 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
                 found.setdefault("parameters", next((t for t in texts if t.startswith("{")), texts[0]))
         except Exception as e:
             problems.append(f"XMP unreadable ({type(e).__name__}: {e})")
+    if not KNOWN_KEYS & found.keys() and "A" in im.getbands():
+        try:
+            hidden = stealth.read(im)
+        except ValueError as e:  # the signature is there: a claim of metadata, so a warning
+            found["\0stealth"] = ""
+            problems.append(f"hidden (stealth) metadata unreadable: {e}")
+        except Exception as e:  # pixels that do not decode: the image's own error comes later
+            problems.append(f"pixels unreadable ({type(e).__name__})")
+        else:
+            found.update(stealth.as_chunks(hidden) if hidden else {})
     return found, problems
+
 
 
 # ---------------------------------------------------------------------------------------------- values
