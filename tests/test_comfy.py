@@ -65,6 +65,10 @@ def test_cfg_guider_negative_and_text_from_string_nodes():
     g["43"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a red fox in the snow"}}
     info = comfy.read(g)
     assert info["prompt"] == "a red fox in the snow, golden hour"
+    g["43"] = {"class_type": "ImpactWildcardProcessor", "inputs": {"wildcard_text": "a __animal__ in the snow",
+                                                                   "populated_text": "a hare in the snow",
+                                                                   "mode": "reproduce", "seed": 3}}
+    assert comfy.read(g)["prompt"] == "a hare in the snow, golden hour"
     assert info["negative_prompt"] == "blurry, watermark"
     assert info["cfg"] == 4.5
 

@@ -21,8 +21,9 @@ those and every ``KSampler``-style graph:
 
 from __future__ import annotations
 
-TEXT_KEYS = ("text", "text_g", "text_l", "t5xxl", "clip_l", "prompt", "positive_prompt", "text_positive",
-             "string", "value")
+# inputs holding prompt text, in order of preference (``populated_text``: Impact Pack's wildcards, as resolved)
+TEXT_KEYS = ("populated_text", "text", "text_g", "text_l", "t5xxl", "clip_l", "prompt", "positive_prompt",
+             "text_positive", "string", "value")
 # links never followed when looking for the prompt: they lead to models, encoders, pixels and latents
 NOT_CONDITIONING = {"clip", "model", "vae", "image", "images", "pixels", "mask", "control_net", "clip_vision",
                     "clip_vision_output", "style_model", "upscale_model", "samples", "latent", "latent_image",
