@@ -118,6 +118,13 @@ def test_nodes_carrying_both_prompts_pass_on_one(tmp_path):
     g["14"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
     r = metadata.read(write_png(tmp_path / "cn.png", {"prompt": json.dumps(g), "workflow": json.dumps(workflow_of(g))}))
     assert (r.info["prompt"], r.info["negative_prompt"]) == (COMFY_PROMPT, "text, watermark")
+    # img2img: no sampler starts from an empty latent; the ControlNet node (lower id) is still not taken for one
+    g["1"] = g.pop("12")
+    g["3"]["inputs"].update(positive=["1", 0], negative=["1", 1], latent_image=["15", 0])
+    g["15"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["14", 0], "vae": ["4", 2]}}
+    info = comfy.read(g)
+    assert (info["prompt"], info["negative_prompt"], info["seed"], info["width"]) == \
+        (COMFY_PROMPT, "text, watermark", 156680208700286, None)
     # a loader node that takes both prompts as strings (efficiency-nodes' "Efficient Loader")
     g = copy.deepcopy(COMFY_GRAPH)
     g["3"]["inputs"].update(positive=["20", 1], negative=["20", 2], model=["20", 0])

@@ -6,7 +6,8 @@ its ``guider`` (``BasicGuider``/``CFGGuider``), ``noise``, ``sampler`` and ``sig
 those and every ``KSampler``-style graph:
 
 - **the sampler**: a node with a ``positive`` or ``guider`` link; of several (a hires-fix pass, a refiner), the one
-  whose ``latent_image`` is an empty latent (the first pass), else the lowest node id;
+  whose ``latent_image`` is an empty latent (the first pass), then any with a latent or guider (not a conditioning
+  node such as a ControlNet's), then the lowest node id;
 - **the prompt**: from its ``positive`` (or the guider's ``positive``/``conditioning``) back along every link but
   models, CLIPs, images, masks and latents, to the nodes holding text (``text``, SDXL's ``text_g``/``text_l``,
   Flux's ``t5xxl``/``clip_l``, ...); a text input linked to a string node (``PrimitiveString``, a text or
@@ -89,7 +90,7 @@ def _joined(texts: list[str]) -> str | None:
 def _value(graph: dict, inputs: dict, keys: tuple, via: tuple = (), depth: int = 8):
     """The first plain value under ``keys`` in ``inputs``, else in the nodes linked by the inputs named ``via``."""
     for k in keys:
-        if k in inputs and _link(graph, inputs[k]) is None and not isinstance(inputs[k], list):
+        if k in inputs and not isinstance(inputs[k], list):
             return inputs[k]
     if depth:
         for name in via:
@@ -102,11 +103,14 @@ def _value(graph: dict, inputs: dict, keys: tuple, via: tuple = (), depth: int =
 def _samplers(graph: dict) -> list[str]:
     found = [nid for nid in graph if any(_link(graph, _inputs(graph, nid).get(k)) for k in ("positive", "guider"))]
 
-    def first_pass(nid):
-        latent = graph.get(_link(graph, _inputs(graph, nid).get("latent_image")) or "", {})
-        return "Empty" in str(latent.get("class_type", "")) if isinstance(latent, dict) else False
+    def rank(nid):  # first-pass samplers, then other samplers, then conditioning nodes with a positive input
+        latent_id = _link(graph, _inputs(graph, nid).get("latent_image"))
+        latent = graph[latent_id] if latent_id is not None else {}
+        empty = isinstance(latent, dict) and "Empty" in str(latent.get("class_type", ""))
+        sampler = latent_id is not None or _link(graph, _inputs(graph, nid).get("guider")) is not None
+        return not empty, not sampler, int(nid) if nid.isdigit() else float("inf"), nid
 
-    return sorted(found, key=lambda n: (not first_pass(n), int(n) if n.isdigit() else float("inf"), n))
+    return sorted(found, key=rank)
 
 
 def read(graph: dict) -> dict | None:
