@@ -45,7 +45,8 @@ def workflow_of(graph: dict) -> dict:
 
 
 def test_flux_sampler_custom_advanced_with_and_without_workflow(tmp_path):
-    for chunks in ({"prompt": json.dumps(FLUX)}, {"prompt": json.dumps(FLUX), "workflow": json.dumps(workflow_of(FLUX))}):
+    graph = {"prompt": json.dumps(FLUX)}
+    for chunks in (graph, {**graph, "workflow": json.dumps(workflow_of(FLUX))}):
         r = metadata.read(write_png(tmp_path / "flux.png", chunks))
         assert r.warning is None
         assert r.info == {"prompt": FLUX_PROMPT, "negative_prompt": None, "model": "flux1-dev.safetensors",

@@ -9,28 +9,28 @@ read). :func:`read` never raises.
 
 Formats (``tool``), where they are read from, and who parses them:
 
-================ ======================================================= =========================================
-tool             where                                                   parser
-================ ======================================================= =========================================
-``a1111``        PNG ``parameters``; JPEG/WebP EXIF UserComment or XMP   sd-parsers; own fallback for lines without
-                 (AUTOMATIC1111, Forge, SD.Next, ...)                    a ``Sampler:`` and for prompt-only text
-``comfyui``      PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  own graph tracer (:mod:`revsd.comfy`);
-                                                                         sd-parsers (needs ``workflow``) for
-                                                                         graphs it finds no prompt in
-``invokeai``     PNG ``invokeai_metadata``, ``sd-metadata``, ``Dream``   sd-parsers
-``novelai``      PNG ``Description`` + ``Comment`` (``Software: NovelAI``) sd-parsers
-``fooocus``      PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers; own (``ALIASES``) if refused
-``swarmui``      ``parameters`` / UserComment JSON ``sui_image_params``   own (``ALIASES``)
-``drawthings``   XMP ``exif:UserComment`` JSON (``c``, ``uc``, ...)       own (``ALIASES``)
-``easydiffusion`` PNG chunk per setting, or ``parameters`` JSON           own (``ALIASES``)
-``midjourney``   PNG ``Description`` / EXIF ImageDescription with         own: the text before the first ``--``
-                 ``Job ID:``                                             parameter, image URLs dropped
-``other``        ``parameters`` JSON of another tool with a prompt field  own (``ALIASES``)
-``diffusiondb``  PNG ``prompt`` holding plain text (not a ComfyUI graph)  own
-(any of these)   hidden in the alpha channel's low bits ("stealth         :mod:`revsd.stealth`, then as above
-                 pnginfo": NovelAI, A1111's extension), when no text
-                 chunk holds metadata
-================ ======================================================= =========================================
+================== ======================================================= =========================================
+tool               where                                                   parser
+================== ======================================================= =========================================
+``a1111``          PNG ``parameters``; JPEG/WebP EXIF UserComment or XMP   sd-parsers; own fallback for lines without
+                   (AUTOMATIC1111, Forge, SD.Next, ...)                    a ``Sampler:`` and for prompt-only text
+``comfyui``        PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  own graph tracer (:mod:`revsd.comfy`);
+                                                                           sd-parsers (needs ``workflow``) for
+                                                                           graphs it finds no prompt in
+``invokeai``       PNG ``invokeai_metadata``, ``sd-metadata``, ``Dream``   sd-parsers
+``novelai``        PNG ``Description`` + ``Comment`` (``Software: NovelAI``) sd-parsers
+``fooocus``        PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers; own (``ALIASES``) if refused
+``swarmui``        ``parameters`` / UserComment JSON ``sui_image_params``   own (``ALIASES``)
+``drawthings``     XMP ``exif:UserComment`` JSON (``c``, ``uc``, ...)       own (``ALIASES``)
+``easydiffusion``  PNG chunk per setting, or ``parameters`` JSON           own (``ALIASES``)
+``midjourney``     PNG ``Description`` / EXIF ImageDescription with         own: the text before the first ``--``
+                   ``Job ID:``                                             parameter, image URLs dropped
+``other``          ``parameters`` JSON of another tool with a prompt field  own (``ALIASES``)
+``diffusiondb``    PNG ``prompt`` holding plain text (not a ComfyUI graph)  own
+(any of these)     hidden in the alpha channel's low bits ("stealth         :mod:`revsd.stealth`, then as above
+                   pnginfo": NovelAI, A1111's extension), when no text
+                   chunk holds metadata
+================== ======================================================= =========================================
 
 Library choice (compared on files written by ``tests/test_metadata.py``, offline, in Pillow 13):
 
@@ -367,7 +367,8 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
     if prompt is not None:
         s = prompt.strip()
         if not s.startswith("{"):  # DiffusionDB: the prompt alone; Easy Diffusion: a chunk per setting
-            tool = "easydiffusion" if {"num_inference_steps", "Stable Diffusion model"} & chunks.keys() else "diffusiondb"
+            easy = {"num_inference_steps", "Stable Diffusion model"} & chunks.keys()
+            tool = "easydiffusion" if easy else "diffusiondb"
             return _keyed(tool, {**chunks, "prompt": s}), (None if s else "'prompt' metadata is empty")
         try:
             graph = json.loads(s)
