@@ -58,7 +58,10 @@ SCORES_DOC = """\
   feature map (forward hooks on the run's frozen backbone);
 - **head entropy / head JointEnergy** (runs with a vocabulary head): the head's uncertainty, Σ of the binary entropies
   of its word probabilities, and minus the multi-label energy Σ log(1 + e^logit) (JointEnergy, Wang et al. 2021),
-  each calibrated on val as above (the heads were trained on train, so train is not a fair reference).
+  each calibrated on val as above (the heads were trained on train, so train is not a fair reference);
+- **output norm / output kNN5 / output to targets**: the embedding head's output: minus the norm of its raw
+  (unnormalised) output, which shrinks where the head hedges; 1 − mean cosine of the predicted embedding to the 5
+  nearest predictions for training images; 1 − the largest cosine to a training target (calibrated on val).
 
 Columns: *photos out* of 15 (in_domain < 0.5) and the names of those left in domain; *ast. in_domain*; *ast. pct*:
 share of the val / test / other-SD images scoring below the astronaut (%); *test in*: test images in domain;
@@ -150,7 +153,7 @@ def features(run: Path, sets: dict, layers: bool):
     {layer: {set: channel mean ‖ std}}) of every image set."""
     pred = predict.load_predictor(run)
     side = predict.min_side(pred)
-    stats, hooks, lay, emb, probs, feats = {}, [], {}, {}, {}, {}
+    stats, hooks, lay, emb, probs, feats, raw = {}, [], {}, {}, {}, {}, {}
     if layers:
         mods = dict(pred.extractor.named_modules())
         names = ["net.bn1"] + [f"net.blocks.{i}" for i in range(len(pred.extractor.net.blocks))]
@@ -159,14 +162,17 @@ def features(run: Path, sets: dict, layers: bool):
             return lambda m, i, o: stats.setdefault(name, []).append(
                 torch.cat([o.mean((2, 3)), o.std((2, 3))], 1).float().cpu().numpy())
         hooks = [mods[n].register_forward_hook(hook(n)) for n in names]
+    hooks.append(pred.model.head.emb_head.register_forward_hook(  # the embedding head's raw output
+        lambda m, i, o: stats.setdefault("\0raw", []).append(o.detach().float().cpu().numpy())))
     for k, files in sets.items():
         stats.clear()
         emb[k], probs[k], feats[k] = pred.predict([open_rgb(p, min_side=side) for p in files], with_features=True)
+        raw[k] = np.concatenate(stats.pop("\0raw"))
         for n, v in stats.items():
             lay.setdefault(n, {})[k] = np.concatenate(v)
     for h in hooks:
         h.remove()
-    return pred, emb, probs if pred.spec.vocab_size else None, feats, lay
+    return pred, emb, probs if pred.spec.vocab_size else None, feats, lay, raw
 
 
 def head_entropy(p):
@@ -227,10 +233,10 @@ def row(run, view, name, z, alpha, emb, true, prior_vec) -> dict:
     return {"num": num, "shown": shown}
 
 
-def bench_run(run: Path, sets: dict, true: np.ndarray, prior_vec, layers: bool, ts=None,
+def bench_run(run: Path, sets: dict, true: np.ndarray, train_targets: np.ndarray, prior_vec, layers: bool, ts=None,
               sheet: Path | None = None) -> tuple[list[dict], str]:
     t = time.perf_counter()
-    pred, emb, P, F, lay = features(run, sets, layers)
+    pred, emb, P, F, lay, raw = features(run, sets, layers)
     t_feat = time.perf_counter() - t
     n = {"train": len(F["train"]), "val": len(F["val"])}
     assert n["train"] <= domain.MAX_REF and n["val"] <= domain.MAX_VAL  # else fit_for_run would subsample
@@ -264,6 +270,12 @@ def bench_run(run: Path, sets: dict, true: np.ndarray, prior_vec, layers: bool, 
             rows.append(row(run.name, "union", f"union a={a}", zu, a, emb["test"], true, prior_vec))
     for name, fn in (("head entropy", head_entropy), ("head JointEnergy", head_joint_energy)) if P else ():
         rows.append(row(run.name, "head", name, calibrate(fn, P), domain.ALPHA, emb["test"], true, prior_vec))
+    outputs = {"output norm": {k: -np.linalg.norm(v, axis=1) for k, v in raw.items()},
+               "output kNN5": {k: 1 - np.sort(v @ emb["train"].T, 1)[:, -5:].mean(1) for k, v in emb.items()},
+               "output to targets": {k: 1 - (v @ train_targets.T).max(1) for k, v in emb.items()}}
+    for name, s in outputs.items():
+        rows.append(row(run.name, "output", name, calibrate(lambda v: v, s), domain.ALPHA, emb["test"], true,
+                        prior_vec))
     for layer, data in lay.items():
         for name, fit in (("Q64", q(64)), ("kNN5", knn(5))):
             z = calibrate(fit(data["train"], data["val"]), data)
@@ -281,7 +293,7 @@ def bench_run(run: Path, sets: dict, true: np.ndarray, prior_vec, layers: bool, 
 
 def conclusion(nums: list[dict]) -> str:
     lines = []
-    for view in ("feature", "layer", "logit", "union", "head"):
+    for view in ("feature", "layer", "logit", "union", "head", "output"):
         v = [r for r in nums if r["view"] == view]
         if not v:
             continue
@@ -336,13 +348,13 @@ def main(argv=None) -> int:
         p for p in (ROOT / "working" / "03_train" / "demo").iterdir() if (p / "model.safetensors").exists())
     load0, t0 = os.getloadavg(), time.perf_counter()
     ts, sets = image_sets(args.other, args.seed)
-    true = ts.emb[ts.rows("test")]
+    true, train_t = ts.emb[ts.rows("test")], ts.emb[ts.rows("train")]
     prior_vec = domain.bank_prior(retrieval.default_bank("demo").emb)
     nums, body = [], ""
     for run in runs:
         print(f"{run.name} ...", flush=True)
         near = run.name == args.neighbours
-        rows, head_md = bench_run(run, sets, true, prior_vec, run.name in args.layers, ts if near else None,
+        rows, head_md = bench_run(run, sets, true, train_t, prior_vec, run.name in args.layers, ts if near else None,
                                   Path(args.out).with_name("guard_astronaut_neighbours.jpg") if near else None)
         nums += [r["num"] for r in rows]
         body += head_md + markdown([r["shown"] for r in rows]) + "\n"
