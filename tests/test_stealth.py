@@ -41,6 +41,12 @@ def test_novelai_and_a1111_files_without_text_chunks(photo, tmp_path):
     assert (r.info["prompt"], r.info["seed"], r.info["tool"]) == (A1111_PROMPT, 1234567, "a1111")
 
 
+def test_huge_images_are_not_decoded_to_look(photo, tmp_path, monkeypatch):
+    stealth.write(photo, A1111).save(tmp_path / "a.png")
+    monkeypatch.setattr(stealth, "MAX_PIXELS", 256 * 255)
+    assert metadata.read(tmp_path / "a.png") == metadata.MetadataResult(None, None)
+
+
 def test_images_without_hidden_text_claim_nothing(photo, tmp_path):
     photo.save(tmp_path / "plain.png")
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 4), dtype=np.uint8)

@@ -7,7 +7,9 @@ the bits run column by column (x outer, y inner); the first 120 spell ``stealth_
 A1111 ``parameters`` text, or NovelAI's text chunks as one JSON object.
 
 Only the alpha variant is read: the rarer ``stealth_rgb*`` variant hides bits in every RGB image, so looking for it
-would decode the pixels of every plain PNG.
+would decode the pixels of every plain PNG. Looking decodes the whole image (PNG has no partial decoding), so images
+over ``MAX_PIXELS`` (4096², 64 MB as RGBA; generators write far smaller files) are not searched: ``revsd predict``
+decodes huge images no larger than the model needs and this must not undo it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 
 SIGNATURES = {b"stealth_pnginfo": False, b"stealth_pngcomp": True}  # signature -> gzip-compressed
 LIMIT = 1 << 22  # bytes of text at most (a gzip bomb stops here)
+MAX_PIXELS = 1 << 24
 
 
 def _bits(alpha: np.ndarray) -> np.ndarray:
@@ -30,7 +33,7 @@ def read(im: Image.Image) -> str | None:
     """The hidden text of an image with an alpha channel, or ``None`` when it carries none.
 
     Raises ``ValueError`` when the signature is there but the payload is cut short or does not decompress."""
-    if "A" not in im.getbands() or im.width * im.height < 152:
+    if "A" not in im.getbands() or not 152 <= im.width * im.height <= MAX_PIXELS:
         return None
     alpha = np.asarray(im.getchannel("A"))
     head = np.packbits(_bits(alpha[:, : max(1, -(-152 // im.height))])[:152]).tobytes()
