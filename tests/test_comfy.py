@@ -159,6 +159,57 @@ def test_gligen_box_after_the_main_prompt_and_sampler_custom():
         (COMFY_PROMPT, 7, 1, "euler_ancestral", 1.0)
 
 
+def test_empty_negatives_stylers_tuples_and_video_encoders():
+    # SD3/Flux/Qwen: the negative is the positive zeroed out, which holds no text
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["7"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["6", 0]}}
+    assert (comfy.read(g)["prompt"], comfy.read(g)["negative_prompt"]) == (COMFY_PROMPT, None)
+    # a prompt styler feeding both encoders from its two outputs; the seed from a seed node
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["6"]["inputs"]["text"], g["7"]["inputs"]["text"] = ["8", 0], ["8", 1]
+    g["8"] = {"class_type": "SDXLPromptStyler", "inputs": {"text_positive": ["9", 0], "text_negative": "ugly",
+                                                           "style": "artstyle-hyperrealism", "log_prompt": False}}
+    g["9"] = {"class_type": "CR Prompt Text", "inputs": {"prompt": "a noir street at night"}}
+    g["3"]["inputs"]["seed"] = ["10", 0]
+    g["10"] = {"class_type": "Seed (rgthree)", "inputs": {"seed": 77}}
+    info = comfy.read(g)
+    assert (info["prompt"], info["negative_prompt"], info["seed"]) == ("a noir street at night", "ugly", 77)
+    # a sampler fed by a tuple that packs both prompts (efficiency-nodes' SDXL loader)
+    g = {"1": {"class_type": "KSampler SDXL (Eff.)", "inputs": {"noise_seed": 5, "steps": 30, "cfg": 7.0,
+                                                                "sampler_name": "euler", "sdxl_tuple": ["2", 0],
+                                                                "latent_image": ["4", 0]}},
+         "2": {"class_type": "Pack SDXL Tuple", "inputs": {"base_model": ["3", 0], "base_positive": ["3", 2],
+                                                           "base_negative": ["3", 3]}},
+         "3": {"class_type": "Eff. Loader SDXL", "inputs": {"base_ckpt_name": "xl.safetensors",
+                                                            "positive": ["8", 0], "negative": ["8", 1],
+                                                            "positive_ascore": 6, "negative_ascore": 2}},
+         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+         "8": {"class_type": "SDXLPromptStyler", "inputs": {"text_positive": "an archer", "text_negative": "animal"}}}
+    info = comfy.read(g)
+    assert (info["prompt"], info["negative_prompt"], info["seed"], info["width"]) == ("an archer", "animal", 5, 1024)
+    # a video sampler that reads text embeddings, not conditioning
+    g = {"1": {"class_type": "WanVideoSampler", "inputs": {"steps": 30, "cfg": 6, "seed": 42, "model": ["2", 0],
+                                                           "text_embeds": ["3", 0], "image_embeds": ["4", 0]}},
+         "2": {"class_type": "WanVideoModelLoader", "inputs": {"model": "wan2.1_t2v_14B.safetensors"}},
+         "3": {"class_type": "WanVideoTextEncode", "inputs": {"positive_prompt": "a fox runs through snow",
+                                                              "negative_prompt": "blurry", "t5": ["5", 0]}},
+         "4": {"class_type": "WanVideoEmptyEmbeds", "inputs": {"width": 832, "height": 480, "num_frames": 1}},
+         "5": {"class_type": "LoadWanVideoT5TextEncoder", "inputs": {"model_name": "umt5-xxl.safetensors"}}}
+    info = comfy.read(g)
+    assert (info["prompt"], info["negative_prompt"], info["steps"]) == ("a fox runs through snow", "blurry", 30)
+
+
+def test_nodes_that_generate_from_their_own_prompt(tmp_path):
+    """ComfyUI's nodes for hosted models (and all-in-one nodes): no sampler, the prompt and seed on one node."""
+    g = {"1": {"class_type": "FluxProUltraImageNode", "inputs": {"prompt": "a glass greenhouse in fog", "seed": 9,
+                                                                 "aspect_ratio": "16:9", "raw": False}},
+         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "api"}}}
+    r = metadata.read(write_png(tmp_path / "api.png", {"prompt": json.dumps(g)}))
+    assert (r.info["prompt"], r.info["seed"], r.info["tool"]) == ("a glass greenhouse in fog", 9, "comfyui")
+    g["1"]["inputs"]["prompt"] = "  "
+    assert comfy.read(g) is None
+
+
 def test_graphs_without_a_prompt_claim_nothing(tmp_path):
     upscale = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
                "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "lanczos",
