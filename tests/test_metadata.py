@@ -294,6 +294,14 @@ def test_no_metadata_is_not_claimed(tmp_path):
     assert metadata.read(write_png(tmp_path / "u.png", upscale_only)) == metadata.MetadataResult(None, None)
     _pixels().save(tmp_path / "plain.webp")
     assert metadata.read(tmp_path / "plain.webp") == metadata.MetadataResult(None, None)
+    # what cameras and photo tools write: a blank or personal UserComment, a stock photo's XMP description
+    for i, comment in enumerate((b"ASCII\0\0\0" + b" " * 20, b"\0" * 64, user_comment("Taken on holiday in Crete"))):
+        assert metadata.read(write_exif(tmp_path / f"cam{i}.jpg", comment)) == metadata.MetadataResult(None, None)
+    xmp = xmp_packet("Sunset over the Alps, Switzerland").replace(b"exif:UserComment", b"dc:description").replace(
+        b'xmlns:exif="', b'xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:exif="')
+    assert metadata._xmp_texts(xmp) == ["Sunset over the Alps, Switzerland"]
+    _pixels().save(tmp_path / "stock.jpg", xmp=xmp)
+    assert metadata.read(tmp_path / "stock.jpg") == metadata.MetadataResult(None, None)
 
 
 @pytest.mark.parametrize("chunks,needle", [

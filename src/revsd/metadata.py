@@ -50,10 +50,10 @@ Library choice (compared on files written by ``tests/test_metadata.py``, offline
   (missed both JPEGs, read the Fooocus JSON as an A1111 prompt, crashed on the DiffusionDB chunk); this
   module reads all 11.
   Chosen: sd-parsers, plus the small readers here for what it misses.
-- ComfyUI later moved to our own tracer first: sd-parsers finds samplers only by ``sampler_name`` + ``steps`` +
-  ``cfg`` (so nothing from Flux/SD3 ``SamplerCustomAdvanced`` graphs), and it follows every conditioning link, so
-  behind a ``ControlNetApplyAdvanced`` (which carries both prompts) it returned the negative prompt inside the
-  positive one (``tests/test_comfy.py`` builds both graphs).
+- ComfyUI later moved to our own tracer first: on real graphs sd-parsers missed half the prompts and mixed the
+  positive and negative prompts in some (:mod:`revsd.comfy`, ``bench/bench_comfy_graphs.py``).
+- EXIF UserComment and XMP descriptions are written by cameras and photo tools too: their text is taken as
+  generation metadata only with a generator's form (an A1111 ``Steps:`` settings line, or a JSON object).
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 # the keys a generator's metadata comes under; without any of them, an image with alpha may hide it (revsd.stealth)
 KNOWN_KEYS = {"parameters", "prompt", "Prompt", "workflow", "invokeai_metadata", "invokeai_graph", "sd-metadata",
               "Dream", "Description", "Comment", "comment"}
+WEAK = "\0comment"  # EXIF UserComment / XMP description text: a generator's only if it has a generator's form
+STEPS_RE = re.compile(r"(?:^|\n|,\s*)Steps:\s*\d")
 EXIF_TEXT_TAGS = (0x010E, 0x010F, 0x0110)  # ImageDescription, Make, Model: ComfyUI/SwarmUI put "key:{json}" there
 SETTINGS_RE = re.compile(r"(?:^|,\s*)([A-Za-z][\w ./-]*?):\s*(\"(?:[^\"\\]|\\.)*\"|[^,]*)")
 
@@ -175,7 +177,7 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
             exif = im.getexif()
         comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
         if comment:
-            found.setdefault("parameters", _decode_user_comment(comment).strip("\0 "))
+            found.setdefault(WEAK, _decode_user_comment(comment).strip("\0 "))
         for tag in EXIF_TEXT_TAGS:
             v = exif.get(tag)
             m = re.match(r"^(\w+):\s*(\{.*)$", v, re.DOTALL) if isinstance(v, str) else None
@@ -192,7 +194,7 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
         try:
             texts = _xmp_texts(xmp)
             if texts:
-                found.setdefault("parameters", next((t for t in texts if t.startswith("{")), texts[0]))
+                found.setdefault(WEAK, next((t for t in texts if t.startswith("{")), texts[0]))
         except Exception as e:
             problems.append(f"XMP unreadable ({type(e).__name__}: {e})")
     if not KNOWN_KEYS & found.keys() and "A" in im.getbands():
@@ -272,7 +274,7 @@ def _from_library(tool: str, pi) -> dict | None:
 def _a1111_own(text: str) -> dict | None:
     """A1111 text the library refused: settings line without ``Sampler:``, or a prompt with no settings."""
     lines = text.strip().split("\n")
-    idx = next((i for i in range(len(lines) - 1, -1, -1) if re.search(r"(^|,\s*)Steps:\s*\d", lines[i])), None)
+    idx = next((i for i in range(len(lines) - 1, -1, -1) if STEPS_RE.search(lines[i])), None)
     settings = {k.strip(): v.strip().strip('"') for k, v in SETTINGS_RE.findall(lines[idx])} if idx is not None else {}
     body = "\n".join(lines[:idx] if idx is not None else lines)
     prompt, _, negative = body.partition("Negative prompt:")
@@ -297,19 +299,16 @@ def _keyed(tool: str, d: dict) -> dict | None:
     def get(field):
         return next((d[k] for k in ALIASES[field] if isinstance(d.get(k), (str, int, float)) and d[k] != ""), None)
 
-    w, h = get("width"), get("height")
-    if w is None:
-        w, h = _size(d.get("resolution") or d.get("size"))
+    w, h = (get("width"), get("height")) if get("width") is not None else _size(d.get("resolution") or d.get("size"))
     return _info(tool, get("prompt"), get("negative_prompt"), get("model"), get("seed"), get("steps"),
                  get("sampler"), get("cfg"), w, h)
 
 
 def _json_tool(obj: dict) -> str:
-    if "c" in obj and "prompt" not in obj:
-        return "drawthings"
-    if {"use_stable_diffusion_model", "num_inference_steps"} & obj.keys():
-        return "easydiffusion"
-    return "fooocus" if {"base_model", "full_prompt"} & obj.keys() or "Fooocus" in str(obj.get("version")) else "other"
+    fooocus = {"base_model", "full_prompt"} & obj.keys() or "Fooocus" in str(obj.get("version"))
+    easy = {"use_stable_diffusion_model", "num_inference_steps"} & obj.keys()
+    return "drawthings" if "c" in obj and "prompt" not in obj else "easydiffusion" if easy else \
+        "fooocus" if fooocus else "other"
 
 
 def _midjourney(text: str) -> dict | None:
@@ -334,7 +333,9 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
         except (ParserError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             return None, f"{tool} metadata unreadable ({type(e).__name__}: {e})"
 
-    params = chunks.get("parameters")
+    params, weak = chunks.get("parameters"), chunks.get(WEAK, "").strip()
+    if params is None and (weak.startswith("{") or STEPS_RE.search(weak)):  # a generator's, not a camera's
+        params = weak
     if params is not None:
         s = params.strip()
         if not s:
