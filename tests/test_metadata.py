@@ -302,6 +302,8 @@ def test_no_metadata_is_not_claimed(tmp_path):
     assert metadata._xmp_texts(xmp) == ["Sunset over the Alps, Switzerland"]
     _pixels().save(tmp_path / "stock.jpg", xmp=xmp)
     assert metadata.read(tmp_path / "stock.jpg") == metadata.MetadataResult(None, None)
+    assert metadata.read(write_exif(tmp_path / "app.jpg", user_comment('{"app": "Camera", "hdr": true}'))) \
+        == metadata.MetadataResult(None, None)
 
 
 @pytest.mark.parametrize("chunks,needle", [

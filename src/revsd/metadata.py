@@ -52,8 +52,7 @@ Library choice (compared on files written by ``tests/test_metadata.py``, offline
   Chosen: sd-parsers, plus the small readers here for what it misses.
 - ComfyUI later moved to our own tracer first: on real graphs sd-parsers missed half the prompts and mixed the
   positive and negative prompts in some (:mod:`revsd.comfy`, ``bench/bench_comfy_graphs.py``).
-- EXIF UserComment and XMP descriptions are written by cameras and photo tools too: their text is taken as
-  generation metadata only with a generator's form (an A1111 ``Steps:`` settings line, or a JSON object).
+- Cameras and photo tools write EXIF UserComment / XMP text too: it counts only in a generator's form (``WEAK``).
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 # the keys a generator's metadata comes under; without any of them, an image with alpha may hide it (revsd.stealth)
 KNOWN_KEYS = {"parameters", "prompt", "Prompt", "workflow", "invokeai_metadata", "invokeai_graph", "sd-metadata",
               "Dream", "Description", "Comment", "comment"}
-WEAK = "\0comment"  # EXIF UserComment / XMP description text: a generator's only if it has a generator's form
+WEAK = "\0comment"  # EXIF UserComment / XMP text: a generator's only with an A1111 "Steps:" line or as JSON
 STEPS_RE = re.compile(r"(?:^|\n|,\s*)Steps:\s*\d")
 EXIF_TEXT_TAGS = (0x010E, 0x010F, 0x0110)  # ImageDescription, Make, Model: ComfyUI/SwarmUI put "key:{json}" there
 SETTINGS_RE = re.compile(r"(?:^|,\s*)([A-Za-z][\w ./-]*?):\s*(\"(?:[^\"\\]|\\.)*\"|[^,]*)")
@@ -333,9 +332,12 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
         except (ParserError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             return None, f"{tool} metadata unreadable ({type(e).__name__}: {e})"
 
-    params, weak = chunks.get("parameters"), chunks.get(WEAK, "").strip()
-    if params is None and (weak.startswith("{") or STEPS_RE.search(weak)):  # a generator's, not a camera's
-        params = weak
+    weak = (chunks.get(WEAK) or chunks.get("comment") or "").strip()  # + JPEG COM: Fooocus writes its JSON there
+    if "parameters" not in chunks and (weak.startswith("{") or STEPS_RE.search(weak)):  # a generator's form
+        info, warning = _parse({**chunks, "parameters": weak})
+        if info or not weak.startswith("{"):  # other apps' JSON comments: no claim, no warning
+            return info, warning
+    params = chunks.get("parameters")
     if params is not None:
         s = params.strip()
         if not s:
@@ -362,8 +364,6 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
         return _midjourney(chunks["Description"]), None
     if chunks.get("Software") == "NovelAI" or {"Description", "Comment", "Source"} <= chunks.keys():
         return lib("novelai", NovelAIParser, chunks)
-    if "comment" in chunks and chunks["comment"].lstrip().startswith("{"):  # Fooocus JPEG
-        return _parse({"parameters": chunks["comment"]})
     prompt = chunks.get("prompt", chunks.get("Prompt"))
     if prompt is not None:
         s = prompt.strip()
