@@ -209,7 +209,6 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
     return found, problems
 
 
-
 # ---------------------------------------------------------------------------------------------- values
 
 
