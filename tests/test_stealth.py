@@ -29,6 +29,26 @@ def test_round_trip_changes_only_alpha_low_bits(photo, compressed):
     assert (before[..., :3] == after[..., :3]).all() and np.abs(before[..., 3] - after[..., 3]).max() <= 1
 
 
+def test_reads_what_the_extensions_pixel_loop_writes(photo):
+    """An independent writer, pixel by pixel as the stealth-pnginfo extension lays the bits out (alpha set to 255
+    first, then x outer, y inner, MSB first, a 32-bit length in bits, gzip): guards against a bug that
+    ``stealth.write`` and ``stealth.read`` would share."""
+    import gzip
+
+    im = photo.resize((64, 48))
+    im.putalpha(255)
+    payload = gzip.compress(A1111.encode())
+    bits = "".join(format(b, "08b") for b in b"stealth_pngcomp" + (8 * len(payload)).to_bytes(4, "big") + payload)
+    px, i = im.load(), 0
+    for x in range(im.width):
+        for y in range(im.height):
+            if i < len(bits):
+                r, g, b, a = px[x, y]
+                px[x, y] = (r, g, b, (a & ~1) | int(bits[i]))
+                i += 1
+    assert i == len(bits) and stealth.read(im) == A1111
+
+
 def test_novelai_and_a1111_files_without_text_chunks(photo, tmp_path):
     stealth.write(photo, json.dumps(NOVELAI)).save(tmp_path / "nai.png")
     r = metadata.read(tmp_path / "nai.png")
