@@ -208,6 +208,13 @@ def test_nodes_that_generate_from_their_own_prompt(tmp_path):
     assert (r.info["prompt"], r.info["seed"], r.info["tool"]) == ("a glass greenhouse in fog", 9, "comfyui")
     g["1"]["inputs"]["prompt"] = "  "
     assert comfy.read(g) is None
+    # a language model writing text in an upscale-only graph is no generator
+    g = {"1": {"class_type": "OllamaGenerate", "inputs": {"prompt": "describe a castle", "seed": 3}},
+         "2": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+         "3": {"class_type": "ImageScaleBy", "inputs": {"image": ["2", 0], "scale_by": 2.0}},
+         "4": {"class_type": "ShowText", "inputs": {"text": ["1", 0]}},
+         "5": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "up"}}}
+    assert comfy.read(g) is None
 
 
 def test_graphs_without_a_prompt_claim_nothing(tmp_path):

@@ -160,9 +160,13 @@ def read(graph: dict) -> dict | None:
 
 def _generator(graph: dict) -> dict | None:
     """No sampler: a node that generates from its own prompt and seed (ComfyUI's nodes for hosted models, such as
-    ``FluxProUltraImageNode`` or ``OpenAIGPTImage1``, and all-in-one custom nodes)."""
+    ``FluxProUltraImageNode`` or ``OpenAIGPTImage1``, and all-in-one custom nodes) and whose output is an image
+    (another node's ``images``/``image`` input: not, say, a language model writing text)."""
+    makes_images = {_link(graph, _inputs(graph, n).get(k)) for n in graph for k in ("images", "image", "pixels")}
     for nid in sorted(graph, key=lambda n: (int(n) if n.isdigit() else float("inf"), n)):
         inputs = _inputs(graph, nid)
+        if nid not in makes_images:
+            continue
         prompt = next((inputs[k] for k in ("prompt", "positive_prompt", "positive") if isinstance(inputs.get(k), str)
                        and inputs[k].strip()), None)
         if prompt and ("seed" in inputs or "noise_seed" in inputs):
