@@ -70,6 +70,12 @@ def test_cfg_guider_negative_and_text_from_string_nodes():
                                                                    "populated_text": "a hare in the snow",
                                                                    "mode": "reproduce", "seed": 3}}
     assert comfy.read(g)["prompt"] == "a hare in the snow, golden hour"
+    # a captioner's text is written at run time from an image: its task prompt is not the image's prompt
+    g["6"]["inputs"]["text"] = ["44", 0]
+    g["44"] = {"class_type": "VLMCaption", "inputs": {"prompt": "Describe this image in detail.", "seed": 1,
+                                                      "image": ["45", 0], "vlm_model": ["46", 0]}}
+    g["45"] = {"class_type": "LoadImage", "inputs": {"image": "ref.png"}}
+    assert comfy.read(g) is None
     assert info["negative_prompt"] == "blurry, watermark"
     assert info["cfg"] == 4.5
 

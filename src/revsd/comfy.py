@@ -70,6 +70,8 @@ def _string(graph: dict, v, role: str, seen: set) -> str | None:
         return None
     seen.add(nid)
     inputs = _inputs(graph, nid)
+    if any(_link(graph, inputs.get(k)) for k in ("image", "images", "pixels")):
+        return None  # a captioner's or tagger's text: written from an image at run time, not stored in the graph
     keys = [k for k in inputs if role in k] if _paired(inputs) else TEXT_KEYS
     for k in keys:
         if k in inputs and (s := _string(graph, inputs[k], role, seen)) is not None:
