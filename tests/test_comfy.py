@@ -76,6 +76,9 @@ def test_cfg_guider_negative_and_text_from_string_nodes():
                                                       "image": ["45", 0], "vlm_model": ["46", 0]}}
     g["45"] = {"class_type": "LoadImage", "inputs": {"image": "ref.png"}}
     assert comfy.read(g) is None
+    g["44"] = {"class_type": "OllamaGenerate", "inputs": {"prompt": "Write a prompt about a castle.", "seed": 1,
+                                                          "model": "llama3.1:8b", "temperature": 0.8}}
+    assert comfy.read(g) is None  # nor is a language model's instruction
     assert info["negative_prompt"] == "blurry, watermark"
     assert info["cfg"] == 4.5
 

@@ -41,6 +41,7 @@ NOT_CONDITIONING = {"clip", "model", "vae", "image", "images", "pixels", "mask",
                     "noise", "sigmas", "sampler", "unet"}
 NO_TEXT = {"ConditioningZeroOut"}  # conditioning nodes whose output holds none of their input's text
 OTHER = {"positive": "negative", "negative": "positive"}
+LLM_INPUTS = {"temperature", "top_p", "max_tokens", "max_new_tokens"}  # a node sampling text from a language model
 
 
 def _link(graph: dict, v) -> str | None:
@@ -70,8 +71,8 @@ def _string(graph: dict, v, role: str, seen: set) -> str | None:
         return None
     seen.add(nid)
     inputs = _inputs(graph, nid)
-    if any(_link(graph, inputs.get(k)) for k in ("image", "images", "pixels")):
-        return None  # a captioner's or tagger's text: written from an image at run time, not stored in the graph
+    if any(_link(graph, inputs.get(k)) for k in ("image", "images", "pixels")) or LLM_INPUTS & inputs.keys():
+        return None  # a captioner's or a language model's text: written at run time, not stored in the graph
     keys = [k for k in inputs if role in k] if _paired(inputs) else TEXT_KEYS
     for k in keys:
         if k in inputs and (s := _string(graph, inputs[k], role, seen)) is not None:
