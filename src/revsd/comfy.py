@@ -15,8 +15,9 @@ prompt inside the positive one. :func:`read`:
   both a positive and a negative input (any input named ``*positive*`` and one ``*negative*``: samplers,
   ``ControlNetApplyAdvanced``, video/edit/inpaint conditioning, prompt stylers, loaders and tuples that carry both
   prompts) passes on only the one asked for; ``ConditioningZeroOut`` (SD3/Flux/Qwen's empty negative) holds no
-  text. Several texts (area composition, GLIGEN boxes, SDXL's two encoders) are joined with ", ", upstream first,
-  each once;
+  text. Text written at run time (a captioner reading an image, a language model) is not in the graph: its task
+  prompt is never taken for the image's. Several texts (area composition, GLIGEN boxes, SDXL's two encoders) are
+  joined with ", ", upstream first, each once;
 - **the settings**: seed, steps, cfg and sampler from the sampler or the nodes it links to (``RandomNoise``,
   ``BasicScheduler``, ``CFGGuider``, ``KSamplerSelect``, seed nodes); the model from the first loader up its
   ``model`` links; the size from the empty latent;
