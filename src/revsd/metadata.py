@@ -7,7 +7,7 @@ when the metadata does not state it; width/height are the *generation* size, whi
 have) and ``tool``; and ``warning`` (a one-line reason when something looked like metadata but could not be
 read). :func:`read` never raises.
 
-Formats (``tool``), where they are read from, and who parses them:
+Formats (``tool``), where they are read from, and who parses them ("own": :mod:`revsd.promptformats`):
 
 ================== ======================================================= =========================================
 tool               where                                                   parser
@@ -19,13 +19,15 @@ tool               where                                                   parse
                                                                            graphs it finds no prompt in
 ``invokeai``       PNG ``invokeai_metadata``, ``sd-metadata``, ``Dream``   sd-parsers
 ``novelai``        PNG ``Description`` + ``Comment`` (``Software: NovelAI``) sd-parsers
-``fooocus``        PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers; own (``ALIASES``) if refused
-``swarmui``        ``parameters`` / UserComment JSON ``sui_image_params``   own (``ALIASES``)
-``drawthings``     XMP ``exif:UserComment`` JSON (``c``, ``uc``, ...)       own (``ALIASES``)
-``easydiffusion``  PNG chunk per setting, or ``parameters`` JSON           own (``ALIASES``)
+``fooocus``        PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers; else own
+``swarmui``        ``parameters`` / UserComment JSON ``sui_image_params``   own
+``drawthings``     XMP ``exif:UserComment`` JSON (``c``, ``uc``, ...)       own
+``easydiffusion``  PNG chunk per setting, or ``parameters`` JSON           own
 ``midjourney``     PNG ``Description`` / EXIF ImageDescription with         own: the text before the first ``--``
                    ``Job ID:``                                             parameter, image URLs dropped
-``other``          ``parameters`` JSON of another tool with a prompt field  own (``ALIASES``)
+``mochi``          the image description (PNG/XMP/EXIF): ``Include in       own
+                   Image: ...; Exclude from Image: ...; Steps: ...``
+``other``          ``parameters`` JSON of another tool with a prompt field  own
 ``diffusiondb``    PNG ``prompt`` holding plain text (not a ComfyUI graph)  own
 (any of these)     hidden in the alpha channel's low bits ("stealth         :mod:`revsd.stealth`, then as above
                    pnginfo": NovelAI, A1111's extension), when no text
@@ -67,7 +69,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from revsd import comfy, stealth
+from revsd import comfy, promptformats as formats, stealth
 
 FIELDS = ("prompt", "negative_prompt", "model", "seed", "steps", "sampler", "cfg", "width", "height", "tool")
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
@@ -75,9 +77,7 @@ EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 KNOWN_KEYS = {"parameters", "prompt", "Prompt", "workflow", "invokeai_metadata", "invokeai_graph", "sd-metadata",
               "Dream", "Description", "Comment", "comment"}
 WEAK = "\0comment"  # EXIF UserComment / XMP text: a generator's only with an A1111 "Steps:" line or as JSON
-STEPS_RE = re.compile(r"(?:^|\n|,\s*)Steps:\s*\d")
 EXIF_TEXT_TAGS = (0x010E, 0x010F, 0x0110)  # ImageDescription, Make, Model: ComfyUI/SwarmUI put "key:{json}" there
-SETTINGS_RE = re.compile(r"(?:^|,\s*)([A-Za-z][\w ./-]*?):\s*(\"(?:[^\"\\]|\\.)*\"|[^,]*)")
 
 
 @dataclass
@@ -184,7 +184,7 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
                 found.setdefault(m.group(1), m.group(2))
             elif isinstance(v, str) and "sui_image_params" in v:
                 found.setdefault("parameters", v)
-            elif isinstance(v, str) and "Job ID:" in v:  # Midjourney JPEG/WebP
+            elif isinstance(v, str) and ("Job ID:" in v or "Include in Image:" in v):  # Midjourney, Mochi
                 found.setdefault("Description", v)
     except Exception as e:
         problems.append(f"EXIF unreadable ({type(e).__name__}: {e})")
@@ -209,42 +209,6 @@ def _chunks(im: Image.Image) -> tuple[dict[str, str], list[str]]:
     return found, problems
 
 
-# ---------------------------------------------------------------------------------------------- values
-
-
-def _num(v, kind):
-    """``int``/``float`` from a number or numeric string, else ``None`` (never a guess)."""
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        x = float(str(v).strip())
-    except ValueError:
-        return None
-    if kind is int:
-        return int(x) if x == int(x) else None
-    return x
-
-
-def _text(v) -> str | None:
-    s = str(v).strip() if v is not None else ""
-    return s or None
-
-
-def _size(v) -> tuple[int | None, int | None]:
-    m = re.search(r"(\d+)\D+(\d+)", str(v)) if v is not None else None
-    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
-
-
-def _info(tool, prompt, negative_prompt=None, model=None, seed=None, steps=None, sampler=None, cfg=None,
-          width=None, height=None) -> dict | None:
-    prompt = _text(prompt)
-    if not prompt:
-        return None
-    return {"prompt": prompt, "negative_prompt": _text(negative_prompt), "model": _text(model),
-            "seed": _num(seed, int), "steps": _num(steps, int), "sampler": _text(sampler), "cfg": _num(cfg, float),
-            "width": _num(width, int), "height": _num(height, int), "tool": tool}
-
-
 # ---------------------------------------------------------------------------------------------- parsers
 
 
@@ -255,7 +219,7 @@ def _from_library(tool: str, pi) -> dict | None:
     meta = pi.metadata if isinstance(pi.metadata, dict) else {}
     w, h = meta.get("width"), meta.get("height")
     if w is None:
-        w, h = _size(meta.get("Size") or meta.get("resolution"))
+        w, h = formats.size(meta.get("Size") or meta.get("resolution"))
     if w is None:  # ComfyUI: the latent-size node lands in metadata as {class_type: [inputs, ...]}
         sizes = [d for v in meta.values() if isinstance(v, list) for d in v
                  if isinstance(d, dict) and "width" in d and "height" in d]
@@ -265,60 +229,8 @@ def _from_library(tool: str, pi) -> dict | None:
     prompt = ", ".join(dict.fromkeys(str(x) for x in pi.prompts))
     negative = ", ".join(dict.fromkeys(str(x) for x in pi.negative_prompts))
     p = {**meta, **p}  # some tools keep steps/seed beside the sampler's own parameters
-    return _info(tool, prompt, negative, model, p.get("seed", p.get("noise_seed")),
+    return formats.info(tool, prompt, negative, model, p.get("seed", p.get("noise_seed")),
                  p.get("steps"), s.name if s and s.name != "unknown" else None, p.get("cfg_scale"), w, h)
-
-
-def _a1111_own(text: str) -> dict | None:
-    """A1111 text the library refused: settings line without ``Sampler:``, or a prompt with no settings."""
-    lines = text.strip().split("\n")
-    idx = next((i for i in range(len(lines) - 1, -1, -1) if STEPS_RE.search(lines[i])), None)
-    settings = {k.strip(): v.strip().strip('"') for k, v in SETTINGS_RE.findall(lines[idx])} if idx is not None else {}
-    body = "\n".join(lines[:idx] if idx is not None else lines)
-    prompt, _, negative = body.partition("Negative prompt:")
-    w, h = _size(settings.get("Size"))
-    return _info("a1111", prompt, negative, settings.get("Model") or settings.get("Model hash"), settings.get("Seed"),
-                 settings.get("Steps"), settings.get("Sampler"), settings.get("CFG scale"), w, h)
-
-
-# the names tools give each setting when they store settings as named values (a JSON object, or one PNG text chunk
-# per setting): Fooocus, SwarmUI (``sui_image_params``), Draw Things (``c``/``uc``), Easy Diffusion; first found wins
-ALIASES = {"prompt": ("prompt", "Prompt", "c"),
-           "negative_prompt": ("negative_prompt", "negativeprompt", "Negative Prompt", "uc"),
-           "model": ("base_model", "model", "use_stable_diffusion_model", "Stable Diffusion model"),
-           "seed": ("seed", "Seed"), "steps": ("steps", "num_inference_steps", "Steps"),
-           "sampler": ("sampler", "sampler_name", "Sampler"),
-           "cfg": ("guidance_scale", "cfg_scale", "cfgscale", "scale", "Guidance Scale"),
-           "width": ("width", "Width"), "height": ("height", "Height")}
-
-
-def _keyed(tool: str, d: dict) -> dict | None:
-    """Our fields from settings stored under names (see ``ALIASES``); values that are not scalars are skipped."""
-    def get(field):
-        return next((d[k] for k in ALIASES[field] if isinstance(d.get(k), (str, int, float)) and d[k] != ""), None)
-
-    w, h = (get("width"), get("height")) if get("width") is not None else _size(d.get("resolution") or d.get("size"))
-    return _info(tool, get("prompt"), get("negative_prompt"), get("model"), get("seed"), get("steps"),
-                 get("sampler"), get("cfg"), w, h)
-
-
-def _json_tool(obj: dict) -> str:
-    fooocus = {"base_model", "full_prompt"} & obj.keys() or "Fooocus" in str(obj.get("version"))
-    easy = {"use_stable_diffusion_model", "num_inference_steps"} & obj.keys()
-    return "drawthings" if "c" in obj and "prompt" not in obj else "easydiffusion" if easy else \
-        "fooocus" if fooocus else "other"
-
-
-def _midjourney(text: str) -> dict | None:
-    """Midjourney's ``Description``: ``<image URLs> <prompt> --ar 2:1 --v 6 Job ID: <uuid>``."""
-    body = text.split("Job ID:")[0]
-    prompt = re.split(r"\s--[a-z]", " " + body, maxsplit=1)[0]
-    prompt = re.sub(r"^\s*(<?https?://\S+>?\s+)*", "", prompt)
-    seed = re.search(r"--seed\s+(\d+)", body)
-    version = re.search(r"--(v|niji)\s+([\d.]+)", body)
-    negative = re.search(r"--no\s+(.*?)(?=\s--|$)", body.strip())
-    model = f"Midjourney {'niji ' if version.group(1) == 'niji' else 'v'}{version.group(2)}" if version else None
-    return _info("midjourney", prompt, negative.group(1) if negative else None, model, seed.group(1) if seed else None)
 
 
 def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
@@ -332,7 +244,7 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
             return None, f"{tool} metadata unreadable ({type(e).__name__}: {e})"
 
     weak = (chunks.get(WEAK) or chunks.get("comment") or "").strip()  # + JPEG COM: Fooocus writes its JSON there
-    if "parameters" not in chunks and (weak.startswith("{") or STEPS_RE.search(weak)):  # a generator's form
+    if "parameters" not in chunks and (weak.startswith("{") or formats.STEPS_RE.search(weak)):  # a generator's form
         info, warning = _parse({**chunks, "parameters": weak})
         if info or not weak.startswith("{"):  # other apps' JSON comments: no claim, no warning
             return info, warning
@@ -347,20 +259,23 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
             except json.JSONDecodeError as e:
                 return None, f"'parameters' metadata is malformed JSON ({e})"
             if isinstance(obj, dict) and isinstance(obj.get("sui_image_params"), dict):
-                return _keyed("swarmui", obj["sui_image_params"]), None
-            if isinstance(obj, dict) and _keyed("other", obj):
-                tool = _json_tool(obj)
+                return formats.keyed("swarmui", obj["sui_image_params"]), None
+            if isinstance(obj, dict) and formats.keyed("other", obj):
+                tool = formats.json_tool(obj)
                 info = lib("fooocus", FooocusParser, {"parameters": s})[0] if tool == "fooocus" else None
-                return info or _keyed(tool, obj), None
+                return info or formats.keyed(tool, obj), None
             return None, "'parameters' metadata is JSON of an unknown tool (no prompt field)"
         info, _ = lib("a1111", AUTOMATIC1111Parser, {"parameters": s})
-        info = info or _a1111_own(s)
+        info = info or formats.a1111(s)
         return info, None if info else "'parameters' metadata holds settings but no positive prompt"
     invoke = {k: chunks[k] for k in ("invokeai_metadata", "invokeai_graph", "sd-metadata", "Dream") if k in chunks}
     if invoke:
         return lib("invokeai", InvokeAIParser, invoke)
     if "Job ID:" in chunks.get("Description", ""):
-        return _midjourney(chunks["Description"]), None
+        return formats.midjourney(chunks["Description"]), None
+    mochi = next((v for k in ("Description", WEAK, "comment") if "Include in Image:" in (v := chunks.get(k, ""))), None)
+    if mochi:
+        return formats.mochi(mochi), None
     if chunks.get("Software") == "NovelAI" or {"Description", "Comment", "Source"} <= chunks.keys():
         return lib("novelai", NovelAIParser, chunks)
     prompt = chunks.get("prompt", chunks.get("Prompt"))
@@ -369,7 +284,7 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
         if not s.startswith("{"):  # DiffusionDB: the prompt alone; Easy Diffusion: a chunk per setting
             easy = {"num_inference_steps", "Stable Diffusion model"} & chunks.keys()
             tool = "easydiffusion" if easy else "diffusiondb"
-            return _keyed(tool, {**chunks, "prompt": s}), (None if s else "'prompt' metadata is empty")
+            return formats.keyed(tool, {**chunks, "prompt": s}), (None if s else "'prompt' metadata is empty")
         try:
             graph = json.loads(s)
         except json.JSONDecodeError as e:
@@ -379,7 +294,7 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
         own = comfy.read(graph)  # first: sd-parsers follows every conditioning link (see revsd.comfy)
         if own is None and "workflow" in chunks:  # e.g. samplers fed by text-embed nodes only sd-parsers knows
             return lib("comfyui", ComfyUIParser, {"prompt": s, "workflow": chunks["workflow"]})[0], None
-        return (_info("comfyui", **own) if own else None), None  # a graph without a text prompt claims nothing
+        return (formats.info("comfyui", **own) if own else None), None  # a graph without a text prompt claims nothing
     return None, None
 
 
