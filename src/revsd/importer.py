@@ -1,7 +1,7 @@
 """``revsd data import DIR... --out DS [--recursive] [--copy]``: your own generations as a training set.
 
 Reads the generation metadata of every image under ``DIR...`` (:mod:`revsd.metadata` lists the formats: A1111/Forge,
-ComfyUI, InvokeAI, NovelAI, Fooocus, SwarmUI, Draw Things, Easy Diffusion, Midjourney, DiffusionDB chunks) and
+ComfyUI, InvokeAI, NovelAI, Fooocus, SwarmUI, Draw Things, Easy Diffusion, Mochi, Midjourney, DiffusionDB) and
 writes the images that carry a prompt as a dataset in DiffusionDB's on-disk format, the one 01_filter reads
 (``source: <DS>`` in a profile)::
 
