@@ -21,7 +21,7 @@ from revsd import comfy, metadata
 from revsd.artifacts import write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_predict import markdown  # noqa: E402
+from bench_predict import markdown
 
 
 def library(graph: dict) -> dict | None:
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if not rows:
         raise SystemExit(f"no ComfyUI API-format graphs in {args.dir}")
     both = [r for r in rows if r["ours"] == r["sd-parsers"] == "prompt"]
-    count = lambda what: sum(what in r["sd-parsers mixed them"] for r in both)  # noqa: E731
+    count = lambda what: sum(what in r["sd-parsers mixed them"] for r in both)
     summary = (f"{len(rows)} graphs: a positive prompt from ours in {sum(r['ours'] == 'prompt' for r in rows)}, "
                f"from sd-parsers in {sum(r['sd-parsers'] == 'prompt' for r in rows)}, from neither in "
                f"{sum(r['ours'] == r['sd-parsers'] == '–' for r in rows)}. Where both found one ({len(both)}): the "

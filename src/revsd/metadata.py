@@ -69,7 +69,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from revsd import comfy, promptformats as formats, stealth
+from revsd import comfy, stealth
+from revsd import promptformats as formats
 
 FIELDS = ("prompt", "negative_prompt", "model", "seed", "steps", "sampler", "cfg", "width", "height", "tool")
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286

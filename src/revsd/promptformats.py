@@ -110,7 +110,7 @@ def mochi(text: str) -> dict | None:
     keys = "|".join(re.escape(k) for k in MOCHI_KEYS)
     parts = re.split(rf";\s*(?=(?:{keys}):)", text.split("Include in Image:", 1)[-1])
     fields = dict(p.split(":", 1) for p in parts[1:])
-    get = lambda k: fields.get(k, "").strip() or None  # noqa: E731
+    get = lambda k: fields.get(k, "").strip() or None
     w, h = size(get("Size"))
     return info("mochi", parts[0], get("Exclude from Image"), get("Model"), get("Seed"), get("Steps"),
                 get("Scheduler"), get("Guidance Scale"), w, h)
