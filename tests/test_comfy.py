@@ -226,6 +226,15 @@ def test_nodes_that_generate_from_their_own_prompt(tmp_path):
     assert comfy.read(g) is None
 
 
+def test_graph_saved_as_json_by_custom_save_nodes(tmp_path):
+    """Custom save nodes put the API graph (alone, or beside the workflow) into a JPEG's UserComment."""
+    from test_metadata import user_comment, write_exif
+
+    for i, payload in enumerate((FLUX, {"prompt": FLUX, "workflow": workflow_of(FLUX)})):
+        r = metadata.read(write_exif(tmp_path / f"g{i}.jpg", user_comment(json.dumps(payload))))
+        assert (r.info["prompt"], r.info["tool"], r.info["seed"]) == (FLUX_PROMPT, "comfyui", 219670278747233)
+
+
 def test_graphs_without_a_prompt_claim_nothing(tmp_path):
     upscale = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
                "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "lanczos",

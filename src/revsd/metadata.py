@@ -15,8 +15,8 @@ tool               where                                                   parse
 ``a1111``          PNG ``parameters``; JPEG/WebP EXIF UserComment or XMP   sd-parsers; own fallback for lines without
                    (AUTOMATIC1111, Forge, SD.Next, ...)                    a ``Sampler:`` and for prompt-only text
 ``comfyui``        PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  own graph tracer (:mod:`revsd.comfy`);
-                                                                           sd-parsers (needs ``workflow``) for
-                                                                           graphs it finds no prompt in
+                   a graph as JSON in ``parameters``/UserComment (custom   sd-parsers (needs ``workflow``) for
+                   save nodes)                                             graphs it finds no prompt in
 ``invokeai``       PNG ``invokeai_metadata``, ``sd-metadata``, ``Dream``   sd-parsers
 ``novelai``        PNG ``Description`` + ``Comment`` (``Software: NovelAI``) sd-parsers
 ``fooocus``        PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers; else own
@@ -261,6 +261,9 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
                 return None, f"'parameters' metadata is malformed JSON ({e})"
             if isinstance(obj, dict) and isinstance(obj.get("sui_image_params"), dict):
                 return formats.keyed("swarmui", obj["sui_image_params"]), None
+            graph = obj.get("prompt") if isinstance(obj, dict) and isinstance(obj.get("prompt"), dict) else obj
+            if isinstance(graph, dict) and any(isinstance(n, dict) and "class_type" in n for n in graph.values()):
+                return _parse({"prompt": json.dumps(graph)})  # a ComfyUI graph that a custom save node put here
             if isinstance(obj, dict) and formats.keyed("other", obj):
                 tool = formats.json_tool(obj)
                 info = lib("fooocus", FooocusParser, {"parameters": s})[0] if tool == "fooocus" else None
