@@ -233,8 +233,10 @@ def row(run, view, name, z, alpha, emb, true, prior_vec) -> dict:
     return {"num": num, "shown": shown}
 
 
-def bench_run(run: Path, sets: dict, true: np.ndarray, train_targets: np.ndarray, prior_vec, layers: bool, ts=None,
-              sheet: Path | None = None) -> tuple[list[dict], str]:
+def bench_run(run: Path, sets: dict, ts, prior_vec, layers: bool, sheet: Path | None = None) -> tuple[list[dict], str]:
+    """Every score's rows for one run (``ts``: the demo's targets); ``sheet``: also list and draw the portraits'
+    nearest training images there."""
+    true, train_targets = ts.emb[ts.rows("test")], ts.emb[ts.rows("train")]
     t = time.perf_counter()
     pred, emb, P, F, lay, raw = features(run, sets, layers)
     t_feat = time.perf_counter() - t
@@ -286,7 +288,7 @@ def bench_run(run: Path, sets: dict, true: np.ndarray, train_targets: np.ndarray
                f"{base:.4f}, broad prior {float((true @ prior_vec).mean()):.4f}"
                + ("" if variant else "; no logit view (not a frozen pretrained EfficientNet-Lite0/2)")
                + ("" if P else "; no vocabulary head") + "\n\n")
-    if ts is not None:
+    if sheet is not None:
         head_md += neighbours(run, sets, F, ts, sheet)
     return rows, head_md
 
@@ -348,13 +350,12 @@ def main(argv=None) -> int:
         p for p in (ROOT / "working" / "03_train" / "demo").iterdir() if (p / "model.safetensors").exists())
     load0, t0 = os.getloadavg(), time.perf_counter()
     ts, sets = image_sets(args.other, args.seed)
-    true, train_t = ts.emb[ts.rows("test")], ts.emb[ts.rows("train")]
     prior_vec = domain.bank_prior(retrieval.default_bank("demo").emb)
     nums, body = [], ""
     for run in runs:
         print(f"{run.name} ...", flush=True)
         near = run.name == args.neighbours
-        rows, head_md = bench_run(run, sets, true, train_t, prior_vec, run.name in args.layers, ts if near else None,
+        rows, head_md = bench_run(run, sets, ts, prior_vec, run.name in args.layers,
                                   Path(args.out).with_name("guard_astronaut_neighbours.jpg") if near else None)
         nums += [r["num"] for r in rows]
         body += head_md + markdown([r["shown"] for r in rows]) + "\n"

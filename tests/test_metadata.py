@@ -88,10 +88,12 @@ def write_exif(path: Path, comment: bytes | None = None, tags: dict[int, str] | 
     return path
 
 
-def xmp_packet(text: str) -> bytes:
+def xmp_packet(text: str, field: str = "exif:UserComment") -> bytes:
+    """An XMP packet holding ``text`` in ``field`` (``exif:UserComment`` or ``dc:description``)."""
     return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-            '<rdf:Description rdf:about="" xmlns:exif="http://ns.adobe.com/exif/1.0/"><exif:UserComment><rdf:Alt>'
-            f'<rdf:li xml:lang="x-default">{text}</rdf:li></rdf:Alt></exif:UserComment></rdf:Description>'
+            '<rdf:Description rdf:about="" xmlns:exif="http://ns.adobe.com/exif/1.0/" '
+            f'xmlns:dc="http://purl.org/dc/elements/1.1/"><{field}><rdf:Alt>'
+            f'<rdf:li xml:lang="x-default">{text}</rdf:li></rdf:Alt></{field}></rdf:Description>'
             '</rdf:RDF></x:xmpmeta>').encode()
 
 
@@ -297,8 +299,7 @@ def test_no_metadata_is_not_claimed(tmp_path):
     # what cameras and photo tools write: a blank or personal UserComment, a stock photo's XMP description
     for i, comment in enumerate((b"ASCII\0\0\0" + b" " * 20, b"\0" * 64, user_comment("Taken on holiday in Crete"))):
         assert metadata.read(write_exif(tmp_path / f"cam{i}.jpg", comment)) == metadata.MetadataResult(None, None)
-    xmp = xmp_packet("Sunset over the Alps, Switzerland").replace(b"exif:UserComment", b"dc:description").replace(
-        b'xmlns:exif="', b'xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:exif="')
+    xmp = xmp_packet("Sunset over the Alps, Switzerland", "dc:description")
     assert metadata._xmp_texts(xmp) == ["Sunset over the Alps, Switzerland"]
     _pixels().save(tmp_path / "stock.jpg", xmp=xmp)
     assert metadata.read(tmp_path / "stock.jpg") == metadata.MetadataResult(None, None)

@@ -127,6 +127,11 @@ def _value(graph: dict, inputs: dict, keys: tuple, via: tuple = (), depth: int =
     return None
 
 
+def _order(nid: str) -> tuple:
+    """Node ids in the order ComfyUI numbers them (numeric ids first, by value)."""
+    return int(nid) if nid.isdigit() else float("inf"), nid
+
+
 def _samplers(graph: dict) -> list[str]:
     links = ("positive", "guider", "latent_image", "text_embeds")
     found = [nid for nid in graph if isinstance(graph[nid], dict)
@@ -137,7 +142,7 @@ def _samplers(graph: dict) -> list[str]:
         latent = graph[latent_id] if latent_id is not None else {}
         empty = isinstance(latent, dict) and "Empty" in str(latent.get("class_type", ""))
         sampler = latent_id is not None or _link(graph, _inputs(graph, nid).get("guider")) is not None
-        return not empty, not sampler, int(nid) if nid.isdigit() else float("inf"), nid
+        return not empty, not sampler, *_order(nid)
 
     return sorted(found, key=rank)
 
@@ -167,7 +172,7 @@ def _generator(graph: dict) -> dict | None:
     ``FluxProUltraImageNode`` or ``OpenAIGPTImage1``, and all-in-one custom nodes) and whose output is an image
     (another node's ``images``/``image`` input: not, say, a language model writing text)."""
     makes_images = {_link(graph, _inputs(graph, n).get(k)) for n in graph for k in ("images", "image", "pixels")}
-    for nid in sorted(graph, key=lambda n: (int(n) if n.isdigit() else float("inf"), n)):
+    for nid in sorted(graph, key=_order):
         inputs = _inputs(graph, nid)
         if nid not in makes_images:
             continue
