@@ -375,3 +375,20 @@ def test_png_exif_user_comment_is_read_without_decoding_pixels(tmp_path, monkeyp
     monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
     r = metadata.read(f)
     assert r.warning is None and r.info["prompt"] == A1111_PROMPT and r.info["tool"] == "a1111"
+
+
+def test_packaged_real_photos_claim_nothing():
+    """The real photos that ship with scikit-image, matplotlib and scikit-learn (cameras', scanners' and editors'
+    files) carry no generation prompt: none is claimed, and only a file Pillow cannot open gets a warning."""
+    import matplotlib
+    import skimage
+    import sklearn
+
+    dirs = [Path(skimage.__file__).parent / "data", Path(matplotlib.get_data_path()) / "sample_data",
+            Path(sklearn.__file__).parent / "datasets" / "images"]
+    files = [p for d in dirs for p in sorted(d.rglob("*"))
+             if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".gif", ".bmp"}]
+    assert len(files) >= 20
+    results = {p.name: metadata.read(p) for p in files}
+    assert not {n: r.info["tool"] for n, r in results.items() if r.info}
+    assert all("metadata not read" in r.warning for r in results.values() if r.warning)
