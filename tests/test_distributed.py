@@ -169,3 +169,14 @@ def test_two_processes_report_unreadable_images_like_one_process(dist_exp, tmp_p
         assert sorted(invalid["image_id"]) == sorted(ids[victims]), d.name
         assert ids[victims[0]] not in set(pd.read_csv(d / "sample_cosines.csv", dtype={"image_id": str})["image_id"])
     _assert_close_runs(single, two)
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_exit_process_keeps_buffered_output_and_the_exit_code(world):
+    """Under several processes a stage leaves with ``os._exit`` (no interpreter teardown, where gloo can abort);
+    what it printed into the pipe's buffer still arrives, and the exit code is the stage's."""
+    code = "import sys; print('last line', end=''); print('err', end='', file=sys.stderr); " \
+           "from revsd import distributed; distributed.exit_process(3)"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": world, "PYTHONUNBUFFERED": ""},
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "last line", "err")

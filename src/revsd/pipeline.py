@@ -266,4 +266,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # the stage entry point started by --launcher accelerate
-    raise SystemExit(stage_main(sys.argv[1:]))
+    from revsd import distributed
+
+    distributed.exit_process(stage_main(sys.argv[1:]))
