@@ -55,3 +55,36 @@ def test_bench_comfy_graphs_counts_what_each_parser_finds(tmp_path):
     assert ("4 graphs: a positive prompt from ours in 3, from sd-parsers in 2, from neither in 1. Where both found "
             "one (2): the same prompt in 1; sd-parsers put the positive inside the negative in 1 and appended the "
             "negative to the positive in 1.") in text
+
+
+
+def test_bench_comfy_workflows_compares_the_ui_workflow_with_its_api_graph(tmp_path):
+    """Pairs the tests build: the default workflow (both read alike), the same with an unknown encoder type in the
+    UI (nothing guessed: no prompt from the UI), one without text in either, and a lone UI file skipped."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_comfy import UI_INFO, ui_default
+    from test_metadata import COMFY_GRAPH
+
+    api = json.loads(json.dumps(COMFY_GRAPH))
+    api["3"]["inputs"].update(seed=UI_INFO["seed"], steps=20, cfg=8, sampler_name="euler")
+    api["4"]["inputs"]["ckpt_name"] = UI_INFO["model"]
+    api["5"]["inputs"].update(width=512, height=640)
+    api["6"]["inputs"]["text"], api["7"]["inputs"]["text"] = UI_INFO["prompt"], UI_INFO["negative_prompt"]
+    unknown = ui_default()
+    unknown["nodes"][3]["type"] = "MyTextEncoder"
+    empty_api = json.loads(json.dumps(api))
+    empty_api["6"]["inputs"]["text"] = ""
+    empty_ui = ui_default()
+    empty_ui["nodes"][3]["widgets_values"] = [""]
+    for name, ui, a in (("default", ui_default(), api), ("unknown", unknown, api), ("empty", empty_ui, empty_api)):
+        (tmp_path / f"{name}.ui.json").write_text(json.dumps(ui))
+        (tmp_path / f"{name}.api.json").write_text(json.dumps(a))
+    (tmp_path / "lone.ui.json").write_text(json.dumps(ui_default()))
+    out = tmp_path / "wf.md"
+    assert _load("bench_comfy_workflows").main([str(tmp_path), "--out", str(out)]) == 0
+    assert ("3 workflows; the API graph has a prompt in 2. From the UI workflow alone: a prompt in 1 of those 2 (the "
+            "same prompt in 1, the same negative in 1, all settings the same in 1), and a prompt where the API graph "
+            "has none in 0.") in out.read_text()

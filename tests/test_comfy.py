@@ -246,3 +246,117 @@ def test_graphs_without_a_prompt_claim_nothing(tmp_path):
     assert comfy.read(cyclic) is None
     r = metadata.read(write_png(tmp_path / "up.png", {"prompt": json.dumps(upscale)}))
     assert (r.info, r.warning) == (None, None)
+
+
+# --- the UI's workflow alone (no API graph beside it) ---------------------------------------------------------------
+
+UI_PROMPT = "beautiful scenery nature glass bottle landscape, purple galaxy bottle"
+
+
+def ui_default() -> dict:
+    """ComfyUI's default text-to-image workflow as the UI saves it (the ``workflow`` chunk)."""
+    def node(nid, typ, inputs=(), widgets=None):
+        return {"id": nid, "type": typ, "mode": 0, "outputs": [],
+                "inputs": [{"name": n, "type": t, "link": ln} for n, t, ln in inputs],
+                **({"widgets_values": widgets} if widgets is not None else {})}
+
+    return {"last_node_id": 9, "last_link_id": 9, "version": 0.4, "nodes": [
+        node(3, "KSampler", [("model", "MODEL", 1), ("positive", "CONDITIONING", 4), ("negative", "CONDITIONING", 6),
+                             ("latent_image", "LATENT", 2)],
+             [156680208700286, "randomize", 20, 8, "euler", "normal", 1]),
+        node(4, "CheckpointLoaderSimple", widgets=["v1-5-pruned-emaonly.safetensors"]),
+        node(5, "EmptyLatentImage", widgets=[512, 640, 1]),
+        node(6, "CLIPTextEncode", [("clip", "CLIP", 3)], [UI_PROMPT]),
+        node(7, "CLIPTextEncode", [("clip", "CLIP", 5)], ["text, watermark"]),
+        node(8, "VAEDecode", [("samples", "LATENT", 7), ("vae", "VAE", 8)]),
+        node(9, "SaveImage", [("images", "IMAGE", 9)], ["ComfyUI"])],
+        "links": [[1, 4, 0, 3, 0, "MODEL"], [2, 5, 0, 3, 3, "LATENT"], [3, 4, 1, 6, 0, "CLIP"],
+                  [4, 6, 0, 3, 1, "CONDITIONING"], [5, 4, 1, 7, 0, "CLIP"], [6, 7, 0, 3, 2, "CONDITIONING"],
+                  [7, 3, 0, 8, 0, "LATENT"], [8, 4, 2, 8, 1, "VAE"], [9, 8, 0, 9, 0, "IMAGE"]]}
+
+
+UI_INFO = {"prompt": UI_PROMPT, "negative_prompt": "text, watermark", "model": "v1-5-pruned-emaonly.safetensors",
+           "seed": 156680208700286, "steps": 20, "sampler": "euler", "cfg": 8, "width": 512, "height": 640}
+
+
+def _ui_node(wf, nid):
+    return next(n for n in wf["nodes"] if n["id"] == nid)
+
+
+def _relink(wf, link_id, origin):
+    """Point link ``link_id`` at another origin node (slot 0)."""
+    for ln in wf["links"]:
+        if ln[0] == link_id:
+            ln[1], ln[2] = origin, 0
+
+
+def test_ui_workflow_alone_through_metadata_read(tmp_path):
+    r = metadata.read(write_png(tmp_path / "ui.png", {"workflow": json.dumps(ui_default())}))
+    assert r.warning is None and r.info == {**UI_INFO, "tool": "comfyui"}
+    objects = ui_default()  # the v1 layout: links as objects
+    objects["links"] = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), ln))
+                        for ln in objects["links"]]
+    assert comfy.read(comfy.from_workflow(objects)) == UI_INFO
+
+
+def test_ui_workflow_reroutes_primitives_bypassed_and_muted_nodes():
+    wf = ui_default()
+    wf["nodes"] += [{"id": 10, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 4}]},
+                    {"id": 11, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": ["a red fox"]},
+                    {"id": 12, "type": "LoraLoader", "mode": 4, "inputs": [  # bypassed: the checkpoint's model
+                        {"name": "model", "type": "MODEL", "link": 13}, {"name": "clip", "type": "CLIP", "link": 14}],
+                     "widgets_values": ["detail.safetensors", 1, 1]},
+                    {"id": 13, "type": "KSampler", "mode": 2, "inputs": [  # muted: not part of the graph
+                        {"name": "positive", "type": "CONDITIONING", "link": 15}],
+                     "widgets_values": [1, "fixed", 5, 2, "euler", "normal", 1]},
+                    {"id": 14, "type": "CLIPTextEncode", "mode": 0, "inputs": [], "widgets_values": ["muted text"]}]
+    wf["links"] += [[10, 10, 0, 3, 1, "CONDITIONING"], [11, 11, 0, 6, 1, "STRING"], [12, 12, 0, 3, 0, "MODEL"],
+                    [13, 4, 0, 12, 0, "MODEL"], [14, 4, 1, 12, 1, "CLIP"], [15, 14, 0, 13, 0, "CONDITIONING"]]
+    _ui_node(wf, 3)["inputs"][1]["link"] = 10  # positive through the reroute
+    _ui_node(wf, 3)["inputs"][0]["link"] = 12  # model through the bypassed LoRA
+    _ui_node(wf, 6)["inputs"].append({"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": 11})
+    graph = comfy.from_workflow(wf)
+    assert set(graph) == {"3", "4", "5", "6", "7", "8", "9", "14"}
+    assert graph["3"]["inputs"]["model"] == ["4", 0] and graph["3"]["inputs"]["positive"] == ["6", 0]
+    assert comfy.read(graph) == {**UI_INFO, "prompt": "a red fox"}  # the primitive's text, not the stale widget
+
+
+def test_ui_workflow_widget_names_listed_or_unknown():
+    wf = ui_default()  # newer UIs list every widget as an input: a node type the table does not know is read too
+    enc = _ui_node(wf, 6)
+    enc["type"] = "MyTextEncoder"
+    enc["inputs"].append({"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": None})
+    assert comfy.read(comfy.from_workflow(wf))["prompt"] == UI_PROMPT
+    wf = ui_default()
+    _ui_node(wf, 3)["widgets_values"].append("extra")  # another version of the node: its values would shift
+    _ui_node(wf, 6)["type"] = "MyTextEncoder"  # unknown and unnamed: its text is not guessed
+    assert comfy.read(comfy.from_workflow(wf)) is None
+    _ui_node(wf, 6)["type"] = "CLIPTextEncode"
+    info = comfy.read(comfy.from_workflow(wf))
+    assert info["prompt"] == UI_PROMPT and info["seed"] is None and info["steps"] is None  # no shifted values
+
+
+def test_ui_workflow_without_a_readable_prompt_claims_nothing(tmp_path):
+    wf = ui_default()
+    _ui_node(wf, 6)["type"] = "3f2a9c1e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"  # a subgraph: not expanded
+    r = metadata.read(write_png(tmp_path / "sub.png", {"workflow": json.dumps(wf)}))
+    assert r == metadata.MetadataResult(None, None)
+    r = metadata.read(write_png(tmp_path / "bad.png", {"workflow": "{\"nodes\": ["}))
+    assert r.info is None and "'workflow' metadata is malformed JSON" in r.warning
+
+
+def test_concatenation_with_a_run_time_part_claims_nothing():
+    """Text boxes ("Text", capitalised) joined by a concatenation node are the prompt; when one part is a tagger's
+    output (written at run time from an image) the joined prompt is not in the graph, and no part of it is claimed."""
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["6"]["inputs"]["text"] = ["20", 0]
+    g["20"] = {"class_type": "Text Concatenate", "inputs": {"linebreak_addition": "false", "text_a": ["21", 0],
+                                                            "text_b": ["22", 0], "delimiter": ", "}}
+    g["21"] = {"class_type": "Text box", "inputs": {"Text": "(disney style)"}}
+    g["22"] = {"class_type": "Text box", "inputs": {"Text": "a girl reading"}}
+    assert comfy.read(g)["prompt"] == "(disney style), a girl reading"
+    g["20"]["inputs"]["text_c"] = ["23", 0]
+    g["23"] = {"class_type": "WD14Tagger|pysssss", "inputs": {"model": "wd-v1-4-moat-tagger-v2", "threshold": 0.35,
+                                                               "tags": "1girl, solo, book", "image": ["24", 0]}}
+    g["24"] = {"class_type": "LoadImage", "inputs": {"image": "input.png"}}
+    assert comfy.read(g) is None

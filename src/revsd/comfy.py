@@ -29,6 +29,14 @@ from 56 of them, sd-parsers from 30; the other 7 hold no text (templates with em
 3D from an image). Where both found one (30 graphs), sd-parsers put the positive prompt inside the negative in 4
 (behind ``ConditioningZeroOut`` or ControlNet nodes) and appended the negative to the positive in 2 (ControlNet;
 one of those negatives was empty, leaving a trailing comma); this module did neither.
+
+**The UI's workflow alone** (a file with a ``workflow`` chunk and no ``prompt``): :func:`from_workflow` rebuilds the
+API graph (links, reroutes, bypassed and muted nodes, primitives) and :func:`read` traces it. The UI stores widget
+values by position only: their names come from the node's widget inputs (newer UIs list every widget) or from
+:data:`WIDGETS` (the core nodes the tracer reads); a node whose names are unknown, or whose stored values do not
+match them, contributes no values (nothing is guessed). On 9 public UI workflows stored beside their API export
+(``bench/bench_comfy_workflows.py``): the API graph has a prompt in 5; the UI workflow alone gave the same prompt
+and negative in 4 of them; the fifth uses a custom text encoder the table does not know (no prompt claimed).
 """
 
 from __future__ import annotations
@@ -74,14 +82,17 @@ def _string(graph: dict, v, role: str, seen: set) -> str | None:
     inputs = _inputs(graph, nid)
     if any(_link(graph, inputs.get(k)) for k in ("image", "images", "pixels")) or LLM_INPUTS & inputs.keys():
         return None  # a captioner's or a language model's text: written at run time, not stored in the graph
-    keys = [k for k in inputs if role in k] if _paired(inputs) else TEXT_KEYS
+    named = {k.lower(): k for k in inputs}  # text nodes of some packs name it "Text"
+    keys = [k for k in inputs if role in k] if _paired(inputs) else [named[k] for k in TEXT_KEYS if k in named]
     for k in keys:
-        if k in inputs and (s := _string(graph, inputs[k], role, seen)) is not None:
+        if (s := _string(graph, inputs[k], role, seen)) is not None:
             return s
-    parts = [s for k, x in inputs.items() if k.startswith(("text", "string"))  # concatenation nodes
-             if (s := _string(graph, x, role, seen))]
+    parts = [_string(graph, x, role, seen) for k, x in inputs.items()
+             if k.lower().startswith(("text", "string"))]  # concatenation nodes
+    if None in parts:  # a part written at run time (or unreadable): the joined text is not in the graph
+        return None
     sep = inputs.get("delimiter", ", ")
-    return (sep if isinstance(sep, str) else ", ").join(parts) or None
+    return (sep if isinstance(sep, str) else ", ").join(p for p in parts if p) or None
 
 
 def _texts(graph: dict, nid: str | None, role: str, seen: set, named: bool) -> list[str]:
@@ -188,3 +199,109 @@ def _generator(graph: dict) -> dict | None:
                     "cfg": _value(graph, inputs, ("cfg", "cfg_scale", "guidance")),
                     "width": _value(graph, inputs, ("width",)), "height": _value(graph, inputs, ("height",))}
     return None
+
+
+# --------------------------------------------------------------------------- the UI's workflow (``workflow`` chunk)
+
+# Widget names of the nodes the tracer reads, in the order of their ``widgets_values`` (the UI stores values by
+# position). A seed widget is followed by its "control after generate" value, which the UI stores too.
+WIDGETS = {
+    "CLIPTextEncode": ("text",),
+    "CLIPTextEncodeSDXL": ("width", "height", "crop_w", "crop_h", "target_width", "target_height", "text_g", "text_l"),
+    "CLIPTextEncodeSDXLRefiner": ("ascore", "width", "height", "text"),
+    "CLIPTextEncodeFlux": ("clip_l", "t5xxl", "guidance"),
+    "CLIPTextEncodeSD3": ("clip_l", "clip_g", "t5xxl", "empty_padding"),
+    "KSampler": ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"),
+    "KSamplerAdvanced": ("add_noise", "noise_seed", "steps", "cfg", "sampler_name", "scheduler", "start_at_step",
+                         "end_at_step", "return_with_leftover_noise"),
+    "CheckpointLoaderSimple": ("ckpt_name",),
+    "UNETLoader": ("unet_name", "weight_dtype"),
+    "EmptyLatentImage": ("width", "height", "batch_size"),
+    "EmptySD3LatentImage": ("width", "height", "batch_size"),
+    "RandomNoise": ("noise_seed",),
+    "KSamplerSelect": ("sampler_name",),
+    "BasicScheduler": ("scheduler", "steps", "denoise"),
+    "CFGGuider": ("cfg",),
+    "SamplerCustom": ("add_noise", "noise_seed", "cfg"),
+    "FluxGuidance": ("guidance",),
+    "PrimitiveString": ("value",),
+    "PrimitiveStringMultiline": ("value",),
+}
+CONTROL = {"fixed", "increment", "decrement", "randomize", "increment-wrap"}
+PASS_THROUGH = {"Reroute"}  # UI-only nodes that forward their input's link
+MUTED, BYPASSED = 2, 4  # node modes: left out of the API graph; a bypassed node passes its input of the same type on
+
+
+def _links(wf: dict) -> dict:
+    """``link id -> (origin node id, origin slot, type)`` for both link layouts (lists; objects since v1)."""
+    out = {}
+    for ln in wf.get("links") or []:
+        if isinstance(ln, list) and len(ln) >= 6:
+            out[ln[0]] = (ln[1], ln[2], ln[5])
+        elif isinstance(ln, dict) and "origin_id" in ln:
+            out[ln.get("id")] = (ln["origin_id"], ln.get("origin_slot", 0), ln.get("type"))
+    return out
+
+
+def _widget_values(node: dict) -> dict:
+    """A node's widget values by name: from its widget inputs (``"widget": {"name": ...}``, which newer UIs list for
+    every widget, in order), else from :data:`WIDGETS`. Only when the names account for every stored value (a seed's
+    "control after generate" value included): a node of another version, whose values would shift, gives ``{}``."""
+    values = node.get("widgets_values")
+    if isinstance(values, dict):
+        return dict(values)
+    if not isinstance(values, list):
+        return {}
+    listed = [i["widget"]["name"] for i in node.get("inputs") or [] if isinstance(i, dict)
+              and isinstance(i.get("widget"), dict) and i["widget"].get("name")]
+    for names in (listed, WIDGETS.get(node.get("type"), ())):
+        out, pos = {}, 0
+        for name in names:
+            if pos >= len(values):
+                break
+            out[name] = values[pos]
+            pos += 1
+            if "seed" in name and pos < len(values) and values[pos] in CONTROL:
+                pos += 1
+        if names and len(out) == len(names) and pos == len(values):
+            return out
+    return {}
+
+
+def from_workflow(wf: dict) -> dict:
+    """The API graph that ComfyUI would queue for a UI ``workflow``: node id -> ``{"class_type", "inputs"}``, links
+    as ``[node id, slot]``, widget values by name (:func:`_widget_values`), reroutes and bypassed nodes passed
+    through, muted nodes and UI-only primitives left out (a primitive's value is copied into the inputs it feeds).
+    Nodes inside a subgraph are not expanded: a sampler whose prompt sits inside one finds no text."""
+    nodes = {n["id"]: n for n in wf.get("nodes") or [] if isinstance(n, dict) and "id" in n}
+    links = _links(wf)
+
+    def origin(link_id, want=None, depth=0):
+        """The real node and slot behind a link, through reroutes and bypassed nodes; a primitive's value."""
+        if link_id not in links or depth > 50:
+            return None
+        nid, slot, typ = links[link_id]
+        node = nodes.get(nid)
+        if node is None or node.get("mode") == MUTED:
+            return None
+        ins = [i for i in node.get("inputs") or [] if isinstance(i, dict)]
+        if node.get("type") in PASS_THROUGH or node.get("mode") == BYPASSED:
+            same = [i for i in ins if i.get("link") is not None and i.get("type") in (typ, want, "*")]
+            return origin(same[0]["link"], typ, depth + 1) if same else None
+        if node.get("type") == "PrimitiveNode":
+            v = node.get("widgets_values")
+            return ("value", v[0]) if isinstance(v, list) and v else None
+        return ("link", [str(nid), slot])
+
+    graph = {}
+    for nid, node in nodes.items():
+        if node.get("mode") in (MUTED, BYPASSED) or node.get("type") in PASS_THROUGH | {"PrimitiveNode"}:
+            continue
+        inputs = _widget_values(node)
+        for i in node.get("inputs") or []:
+            if isinstance(i, dict) and i.get("name") and i.get("link") is not None:
+                got = origin(i["link"], i.get("type"))
+                if got is not None:
+                    inputs[i["name"]] = got[1]
+        graph[str(nid)] = {"class_type": node.get("type"), "inputs": inputs}
+    return graph

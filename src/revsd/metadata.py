@@ -16,7 +16,7 @@ tool               where                                                   parse
                    (AUTOMATIC1111, Forge, SD.Next, ...)                    a ``Sampler:`` and for prompt-only text
 ``comfyui``        PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  own graph tracer (:mod:`revsd.comfy`);
                    a graph as JSON in ``parameters``/UserComment (custom   sd-parsers (needs ``workflow``) for
-                   save nodes)                                             graphs it finds no prompt in
+                   save nodes); the UI's ``workflow`` alone                graphs it finds no prompt in
 ``invokeai``       PNG ``invokeai_metadata``, ``sd-metadata``, ``Dream``   sd-parsers
 ``novelai``        PNG ``Description`` + ``Comment`` (``Software: NovelAI``) sd-parsers
 ``fooocus``        PNG ``parameters`` / JPEG UserComment / comment, JSON    sd-parsers; else own
@@ -299,6 +299,13 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
         if own is None and "workflow" in chunks:  # e.g. samplers fed by text-embed nodes only sd-parsers knows
             return lib("comfyui", ComfyUIParser, {"prompt": s, "workflow": chunks["workflow"]})[0], None
         return (formats.info("comfyui", **own) if own else None), None  # a graph without a text prompt claims nothing
+    if chunks.get("workflow") is not None:  # the UI's workflow without the API graph beside it
+        try:
+            wf = json.loads(chunks["workflow"])
+        except json.JSONDecodeError as e:
+            return None, f"'workflow' metadata is malformed JSON ({e})"
+        own = comfy.read(comfy.from_workflow(wf)) if isinstance(wf, dict) else None
+        return (formats.info("comfyui", **own) if own else None), None
     return None, None
 
 
