@@ -3,8 +3,10 @@
     .venv/bin/python bench/bench_comfy_workflows.py DIR     # writes bench/results/comfy_workflows.md
 
 ``DIR`` holds pairs ``<name>.ui.json`` (the UI's workflow, what ComfyUI stores as the ``workflow`` chunk) and
-``<name>.api.json`` (the same workflow exported in API format, the ``prompt`` chunk). The measured pairs are public
-files listed in ``bench/comfy_workflow_sources.tsv`` (repository, both paths, commits); they are not stored here.
+``<name>.api.json`` (the same workflow exported in API format, the ``prompt`` chunk). The 25 measured pairs are public
+files listed in ``bench/comfy_workflow_sources.tsv`` (repository, both paths, commits); they are not stored here. Each
+pair was checked to be one workflow (the API node ids and types are the UI's, less muted, bypassed, note and reroute
+nodes); some API files were edited after export (a prompt, a model, a file name), which the verdicts show.
 For each pair: the tracer on the API graph (:func:`revsd.comfy.read`, the reference) and on the graph rebuilt from
 the UI workflow (:func:`revsd.comfy.from_workflow`); do they find a prompt, the same prompt, the same negative
 prompt and the same settings. A file whose only metadata is the UI workflow is read this way
@@ -28,14 +30,19 @@ SETTINGS = ("model", "seed", "steps", "sampler", "cfg", "width", "height")
 
 
 def verdict(ui: dict, api: dict) -> dict:
+    """Found / same prompt / same negative; settings the UI reading left empty (widget names unknown: nothing is
+    guessed) and settings that differ. Where the prompt differs: is the API's prompt in the UI file at all (if not,
+    the API file was edited after export and the UI reading is not wrong)."""
     ref, got = comfy.read(api), comfy.read(comfy.from_workflow(ui))
     row = {"version": str(ui.get("version", "?")), "nodes": len(ui.get("nodes") or []),
            "API graph": "prompt" if ref else "–", "UI workflow": "prompt" if got else "–",
-           "same prompt": "", "same negative": "", "settings differing": ""}
+           "same prompt": "", "same negative": "", "settings missing": "", "settings different": ""}
     if ref and got:
-        row["same prompt"] = "yes" if got["prompt"] == ref["prompt"] else "no"
+        row["same prompt"] = "yes" if got["prompt"] == ref["prompt"] else \
+            "no" + ("" if json.dumps(ref["prompt"])[1:-1] in json.dumps(ui) else " (API prompt not in the UI file)")
         row["same negative"] = "yes" if got["negative_prompt"] == ref["negative_prompt"] else "no"
-        row["settings differing"] = ", ".join(k for k in SETTINGS if got[k] != ref[k]) or "none"
+        row["settings missing"] = ", ".join(k for k in SETTINGS if got[k] is None and ref[k] is not None)
+        row["settings different"] = ", ".join(k for k in SETTINGS if got[k] is not None and got[k] != ref[k])
     return row
 
 
@@ -58,11 +65,13 @@ def main(argv=None) -> int:
     both = [r for r in ref if r["UI workflow"] == "prompt"]
     extra = sum(r["UI workflow"] == "prompt" and r["API graph"] == "–" for r in rows)
     same = sum(r["same prompt"] == "yes" for r in both)
+    edited = sum("not in the UI file" in r["same prompt"] for r in both)
     summary = (f"{len(rows)} workflows; the API graph has a prompt in {len(ref)}. From the UI workflow alone: a "
-               f"prompt in {len(both)} of those {len(ref)} (the same prompt in {same}, "
-               f"the same negative in {sum(r['same negative'] == 'yes' for r in both)}, all settings the same in "
-               f"{sum(r['settings differing'] == 'none' for r in both)}), and a prompt where the API graph has none "
-               f"in {extra}.")
+               f"prompt in {len(both)} of those {len(ref)}: the same prompt in {same}, a different one in "
+               f"{len(both) - same} (of which {edited} where the API file's prompt is nowhere in the UI file: edited "
+               f"after export); the same negative in {sum(r['same negative'] == 'yes' for r in both)}; a setting "
+               f"left empty in {sum(bool(r['settings missing']) for r in both)}, a setting different in "
+               f"{sum(bool(r['settings different']) for r in both)}. A prompt where the API graph has none: {extra}.")
     cmd = " ".join([".venv/bin/python bench/bench_comfy_workflows.py", *(sys.argv[1:] if argv is None else argv)])
     write_text(args.out, f"# bench_comfy_workflows\n\n`{cmd}` (pairs: `bench/comfy_workflow_sources.tsv`)\n\n"
                          f"{summary}\n\n{markdown(rows)}")

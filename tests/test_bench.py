@@ -60,7 +60,8 @@ def test_bench_comfy_graphs_counts_what_each_parser_finds(tmp_path):
 
 def test_bench_comfy_workflows_compares_the_ui_workflow_with_its_api_graph(tmp_path):
     """Pairs the tests build: the default workflow (both read alike), the same with an unknown encoder type in the
-    UI (nothing guessed: no prompt from the UI), one without text in either, and a lone UI file skipped."""
+    UI (nothing guessed: no prompt from the UI), one without text in either, one whose API file was edited after
+    export, and a lone UI file skipped."""
     import json
     import sys
 
@@ -79,12 +80,16 @@ def test_bench_comfy_workflows_compares_the_ui_workflow_with_its_api_graph(tmp_p
     empty_api["6"]["inputs"]["text"] = ""
     empty_ui = ui_default()
     empty_ui["nodes"][3]["widgets_values"] = [""]
-    for name, ui, a in (("default", ui_default(), api), ("unknown", unknown, api), ("empty", empty_ui, empty_api)):
+    edited = json.loads(json.dumps(api))  # an API file edited after export: its prompt is not in the UI file
+    edited["6"]["inputs"]["text"] = "a prompt typed into the API file"
+    for name, ui, a in (("default", ui_default(), api), ("unknown", unknown, api), ("empty", empty_ui, empty_api),
+                        ("edited", ui_default(), edited)):
         (tmp_path / f"{name}.ui.json").write_text(json.dumps(ui))
         (tmp_path / f"{name}.api.json").write_text(json.dumps(a))
     (tmp_path / "lone.ui.json").write_text(json.dumps(ui_default()))
     out = tmp_path / "wf.md"
     assert _load("bench_comfy_workflows").main([str(tmp_path), "--out", str(out)]) == 0
-    assert ("3 workflows; the API graph has a prompt in 2. From the UI workflow alone: a prompt in 1 of those 2 (the "
-            "same prompt in 1, the same negative in 1, all settings the same in 1), and a prompt where the API graph "
-            "has none in 0.") in out.read_text()
+    assert ("4 workflows; the API graph has a prompt in 3. From the UI workflow alone: a prompt in 2 of those 3: the "
+            "same prompt in 1, a different one in 1 (of which 1 where the API file's prompt is nowhere in the UI file: "
+            "edited after export); the same negative in 2; a setting left empty in 0, a setting different in 0. A "
+            "prompt where the API graph has none: 0.") in out.read_text()

@@ -34,9 +34,10 @@ one of those negatives was empty, leaving a trailing comma); this module did nei
 API graph (links, reroutes, bypassed and muted nodes, primitives) and :func:`read` traces it. The UI stores widget
 values by position only: their names come from the node's widget inputs (newer UIs list every widget) or from
 :data:`WIDGETS` (the core nodes the tracer reads); a node whose names are unknown, or whose stored values do not
-match them, contributes no values (nothing is guessed). On 9 public UI workflows stored beside their API export
-(``bench/bench_comfy_workflows.py``): the API graph has a prompt in 5; the UI workflow alone gave the same prompt
-and negative in 4 of them; the fifth uses a custom text encoder the table does not know (no prompt claimed).
+match them, contributes no values (nothing is guessed). On 25 public UI workflows stored beside their API export
+(``bench/bench_comfy_workflows.py``) the API graph has a prompt in 16; the UI workflow alone gave the same prompt in
+13, another in 1 (whose API file was edited after export: its prompt is nowhere in the UI file) and none in 2 (a
+custom text encoder the table does not know; a prompt typed into the API file only). Never a prompt the API lacks.
 """
 
 from __future__ import annotations
@@ -223,6 +224,8 @@ WIDGETS = {
     "BasicScheduler": ("scheduler", "steps", "denoise"),
     "CFGGuider": ("cfg",),
     "SamplerCustom": ("add_noise", "noise_seed", "cfg"),
+    "LTXVScheduler": ("steps", "max_shift", "base_shift", "stretch", "terminal"),
+    "PhotoMakerEncode": ("text",),
     "FluxGuidance": ("guidance",),
     "PrimitiveString": ("value",),
     "PrimitiveStringMultiline": ("value",),
@@ -273,7 +276,7 @@ def from_workflow(wf: dict) -> dict:
     as ``[node id, slot]``, widget values by name (:func:`_widget_values`), reroutes and bypassed nodes passed
     through, muted nodes and UI-only primitives left out (a primitive's value is copied into the inputs it feeds).
     Nodes inside a subgraph are not expanded: a sampler whose prompt sits inside one finds no text."""
-    nodes = {n["id"]: n for n in wf.get("nodes") or [] if isinstance(n, dict) and "id" in n}
+    nodes = {n["id"]: n for n in wf.get("nodes") or [] if isinstance(n, dict) and isinstance(n.get("id"), (int, str))}
     links = _links(wf)
 
     def origin(link_id, want=None, depth=0):
