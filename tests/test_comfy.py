@@ -360,3 +360,19 @@ def test_concatenation_with_a_run_time_part_claims_nothing():
                                                                "tags": "1girl, solo, book", "image": ["24", 0]}}
     g["24"] = {"class_type": "LoadImage", "inputs": {"image": "input.png"}}
     assert comfy.read(g) is None
+
+
+def test_hidream_and_lumina2_encoders():
+    """HiDream's four text inputs (joined when they differ, once when equal); Lumina 2's user prompt, never its
+    system prompt (a fixed instruction chosen from a list); both from the API graph and from the UI workflow."""
+    g = copy.deepcopy(COMFY_GRAPH)
+    g["6"] = {"class_type": "CLIPTextEncodeHiDream", "inputs": {"clip": ["4", 1], "clip_l": COMFY_PROMPT,
+                                                                "clip_g": COMFY_PROMPT, "t5xxl": COMFY_PROMPT,
+                                                                "llama": "a lighthouse, seen from a boat"}}
+    assert comfy.read(g)["prompt"] == f"{COMFY_PROMPT}, a lighthouse, seen from a boat"
+    g["6"] = {"class_type": "CLIPTextEncodeLumina2", "inputs": {"clip": ["4", 1], "system_prompt": "superior",
+                                                                "user_prompt": COMFY_PROMPT}}
+    assert comfy.read(g)["prompt"] == COMFY_PROMPT
+    wf = ui_default()
+    _ui_node(wf, 6).update(type="CLIPTextEncodeLumina2", widgets_values=["alignment", COMFY_PROMPT])
+    assert comfy.read(comfy.from_workflow(wf))["prompt"] == COMFY_PROMPT

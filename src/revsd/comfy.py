@@ -10,7 +10,8 @@ prompt inside the positive one. :func:`read`:
   hires-fix pass, a refiner), the one whose ``latent_image`` is an empty latent (the first pass), then any with a
   latent or guider (not a conditioning node such as a ControlNet's), then the lowest node id;
 - **the prompt**: from the sampler back along every link but models, CLIPs, images, masks, latents and noise, to
-  the nodes holding text (``text``, SDXL's ``text_g``/``text_l``, Flux's ``t5xxl``/``clip_l``, ...); a text input
+  the nodes holding text (``text``, SDXL's ``text_g``/``text_l``, Flux's ``t5xxl``/``clip_l``, HiDream's
+  ``clip_g``/``llama``, Lumina 2's ``user_prompt`` (not its system prompt), ...); a text input
   linked to a string node (``PrimitiveString``, prompt, styler or concatenation nodes) is resolved. A node with
   both a positive and a negative input (any input named ``*positive*`` and one ``*negative*``: samplers,
   ``ControlNetApplyAdvanced``, video/edit/inpaint conditioning, prompt stylers, loaders and tuples that carry both
@@ -43,8 +44,8 @@ custom text encoder the table does not know; a prompt typed into the API file on
 from __future__ import annotations
 
 # inputs holding prompt text, in order of preference (``populated_text``: Impact Pack's wildcards, as resolved)
-TEXT_KEYS = ("populated_text", "text", "text_g", "text_l", "t5xxl", "clip_l", "prompt", "positive_prompt",
-             "text_positive", "string", "value")
+TEXT_KEYS = ("populated_text", "text", "text_g", "text_l", "t5xxl", "clip_l", "clip_g", "llama", "prompt",
+             "positive_prompt", "user_prompt", "text_positive", "string", "value")
 # links never followed when looking for the prompt: they lead to models, encoders, pixels, latents and noise
 NOT_CONDITIONING = {"clip", "model", "vae", "image", "images", "pixels", "mask", "control_net", "clip_vision",
                     "clip_vision_output", "style_model", "upscale_model", "samples", "latent", "latent_image",
@@ -212,6 +213,8 @@ WIDGETS = {
     "CLIPTextEncodeSDXLRefiner": ("ascore", "width", "height", "text"),
     "CLIPTextEncodeFlux": ("clip_l", "t5xxl", "guidance"),
     "CLIPTextEncodeSD3": ("clip_l", "clip_g", "t5xxl", "empty_padding"),
+    "CLIPTextEncodeHiDream": ("clip_l", "clip_g", "t5xxl", "llama"),
+    "CLIPTextEncodeLumina2": ("system_prompt", "user_prompt"),
     "KSampler": ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"),
     "KSamplerAdvanced": ("add_noise", "noise_seed", "steps", "cfg", "sampler_name", "scheduler", "start_at_step",
                          "end_at_step", "return_with_leftover_noise"),
