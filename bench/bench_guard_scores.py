@@ -53,7 +53,8 @@ SCORES_DOC = """\
 - **logit Q64**: Q64 of the ImageNet logits (`revsd.prior._classifier_head(variant)` applied to the features; only
   frozen, pretrained EfficientNet-Lite0/2 runs, whose features are that classifier's input);
 - **union a=…**: feature Q64 and logit Q64 each calibrated on val at that alpha, in_domain = the smaller one
-  (= `max(z_feature, z_logit)`; its percentiles are of that max);
+  (= `max(z_feature, z_logit)`; its percentiles are of that max); **union cross-fitted a=…**: the same with the
+  logit view cross-fitted like the guard (a=0.0025: each view at half the default alpha, as a Bonferroni union);
 - **layer … Q64 / kNN5** (`--layers` runs only): the same scores on the per-channel mean and std of the block's output
   feature map (forward hooks on the run's frozen backbone);
 - **head entropy / head JointEnergy** (runs with a vocabulary head): the head's uncertainty, Σ of the binary entropies
@@ -270,6 +271,13 @@ def bench_run(run: Path, sets: dict, ts, prior_vec, layers: bool, sheet: Path | 
         zu = {k: np.maximum(zq[k], zl[k]) for k in zq}
         for a in (0.0025, 0.005):
             rows.append(row(run.name, "union", f"union a={a}", zu, a, emb["test"], true, prior_vec))
+        if g.calibration != "val":  # the logit view calibrated as the guard is (cross-fitted), then the union
+            gl = domain.DomainGuard.fit(L["train"], L["val"], cross_fit=True)
+            zc = {k: (gl.score(v).astype(np.float64) - gl.median) / gl.scale for k, v in L.items()}
+            zc["val"] = (gl.val_scores[-n["val"]:].astype(np.float64) - gl.median) / gl.scale
+            zu = {k: np.maximum(zq[k], zc[k]) for k in zq}
+            for a in (0.0025, 0.005):
+                rows.append(row(run.name, "union", f"union cross-fitted a={a}", zu, a, emb["test"], true, prior_vec))
     for name, fn in (("head entropy", head_entropy), ("head JointEnergy", head_joint_energy)) if P else ():
         rows.append(row(run.name, "head", name, calibrate(fn, P), domain.ALPHA, emb["test"], true, prior_vec))
     outputs = {"output norm": {k: -np.linalg.norm(v, axis=1) for k, v in raw.items()},
