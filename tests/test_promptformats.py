@@ -1,5 +1,5 @@
-"""Our own parsers of generators' metadata text: Mochi Diffusion here (the others through metadata.read in
-test_metadata.py), and the value rules every parser shares."""
+"""Our own parsers of generators' metadata text: Mochi Diffusion and Civitai's checkpoint here (the others through
+metadata.read in test_metadata.py), and the value rules every parser shares."""
 
 from __future__ import annotations
 
@@ -35,3 +35,28 @@ def test_values_are_never_guessed():
                     "sampler": None, "cfg": 7.0, "width": 512, "height": None, "tool": "x"}
     assert promptformats.info("x", "   ") is None
     assert promptformats.size("(1152, 896)") == (1152, 896) and promptformats.size("square") == (None, None)
+
+
+CIVITAI = ('masterpiece, 1girl, cherry blossoms, <lora:detail_tweaker:0.5>\nNegative prompt: easynegative, lowres\n'
+           'Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 12345, Size: 512x768, Clip skip: 2, '
+           'Created Date: 2024-05-01T10:00:00.000Z, Civitai resources: [{"type":"lora","weight":0.5,'
+           '"modelVersionId":62833,"modelName":"Detail Tweaker LoRA","modelVersionName":"v1.0"},'
+           '{"type":"checkpoint","modelVersionId":128713,"modelName":"DreamShaper","modelVersionName":"8"}], '
+           'Civitai metadata: {"remixOfId":1}')
+
+
+def test_civitai_jpeg_names_its_checkpoint_from_the_resources(tmp_path):
+    """Civitai's generator writes A1111 text with no ``Model:``; the checkpoint is among its resources (the LoRA is
+    not a checkpoint)."""
+    from test_metadata import user_comment
+
+    r = metadata.read(write_exif(tmp_path / "civitai.jpg", user_comment(CIVITAI)))
+    assert r.warning is None and r.info == {
+        "prompt": "masterpiece, 1girl, cherry blossoms, <lora:detail_tweaker:0.5>", "negative_prompt":
+        "easynegative, lowres", "model": "DreamShaper 8", "seed": 12345, "steps": 30, "sampler": "DPM++ 2M Karras",
+        "cfg": 7.0, "width": 512, "height": 768, "tool": "a1111"}
+    assert promptformats.civitai_model(CIVITAI.replace('"type":"checkpoint"', '"type":"vae"')) is None
+    assert promptformats.civitai_model('a cat\nSteps: 20, Civitai resources: [{"type":"checkpoint",') is None
+    own = CIVITAI.replace(", Clip skip", ", Model: dreamshaper_8, Clip skip")
+    named = metadata.read(write_exif(tmp_path / "named.jpg", user_comment(own)))
+    assert named.info["model"] == "dreamshaper_8"  # the tool's own Model: wins

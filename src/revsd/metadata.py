@@ -13,7 +13,8 @@ Formats (``tool``), where they are read from, and who parses them ("own": :mod:`
 tool               where                                                   parser
 ================== ======================================================= =========================================
 ``a1111``          PNG ``parameters``; JPEG/WebP EXIF UserComment or XMP   sd-parsers; own fallback for lines without
-                   (AUTOMATIC1111, Forge, SD.Next, ...)                    a ``Sampler:`` and for prompt-only text
+                   (AUTOMATIC1111, Forge, SD.Next, Civitai, ...)           a ``Sampler:`` and for prompt-only text;
+                                                                           Civitai's checkpoint from its resources
 ``comfyui``        PNG ``prompt`` (+ ``workflow``); WebP EXIF ``prompt:``  own graph tracer (:mod:`revsd.comfy`);
                    a graph as JSON in ``parameters``/UserComment (custom   sd-parsers (needs ``workflow``) for
                    save nodes); the UI's ``workflow`` alone                graphs it finds no prompt in
@@ -271,6 +272,8 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
             return None, "'parameters' metadata is JSON of an unknown tool (no prompt field)"
         info, _ = lib("a1111", AUTOMATIC1111Parser, {"parameters": s})
         info = info or formats.a1111(s)
+        if info and not info["model"]:  # Civitai's generator names the checkpoint only among its resources
+            info["model"] = formats.civitai_model(s)
         return info, None if info else "'parameters' metadata holds settings but no positive prompt"
     invoke = {k: chunks[k] for k in ("invokeai_metadata", "invokeai_graph", "sd-metadata", "Dream") if k in chunks}
     if invoke:

@@ -7,6 +7,7 @@ that does not parse is ``None``.
 
 from __future__ import annotations
 
+import json
 import re
 
 STEPS_RE = re.compile(r"(?:^|\n|,\s*)Steps:\s*\d")  # an A1111 settings line
@@ -57,6 +58,20 @@ def a1111(text: str) -> dict | None:
     w, h = size(settings.get("Size"))
     return info("a1111", prompt, negative, settings.get("Model") or settings.get("Model hash"), settings.get("Seed"),
                  settings.get("Steps"), settings.get("Sampler"), settings.get("CFG scale"), w, h)
+
+
+def civitai_model(text: str) -> str | None:
+    """The checkpoint in Civitai's ``Civitai resources: [{"type": "checkpoint", "modelName": ..., ...}]`` setting
+    (its on-site generator writes no ``Model:``), as ``"<modelName> <modelVersionName>"``; ``None`` when absent."""
+    m = re.search(r"Civitai resources:\s*(?=\[)", text)
+    try:
+        items = json.JSONDecoder().raw_decode(text, m.end())[0] if m else []
+    except ValueError:
+        return None
+    for it in items if isinstance(items, list) else []:
+        if isinstance(it, dict) and it.get("type") == "checkpoint" and it.get("modelName"):
+            return " ".join(str(v) for v in (it["modelName"], it.get("modelVersionName")) if v)
+    return None
 
 
 # the names tools give each setting when they store settings as named values (a JSON object, or one PNG text chunk
