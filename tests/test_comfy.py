@@ -343,6 +343,9 @@ def test_ui_workflow_without_a_readable_prompt_claims_nothing(tmp_path):
     assert r == metadata.MetadataResult(None, None)
     r = metadata.read(write_png(tmp_path / "bad.png", {"workflow": "{\"nodes\": ["}))
     assert r.info is None and "'workflow' metadata is malformed JSON" in r.warning
+    odd = {"nodes": [{"id": [3]}, {"id": 3, "type": "KSampler", "widgets_values": [1, [2], 20, 8, "euler", "n", 1]}],
+           "links": [[[1], 1, 0, 3, 0, "X"], "x"]}  # odd shapes: no values guessed, no exception
+    assert comfy.from_workflow(odd) == {"3": {"class_type": "KSampler", "inputs": {}}}
 
 
 def test_concatenation_with_a_run_time_part_claims_nothing():

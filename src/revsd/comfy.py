@@ -242,7 +242,7 @@ def _links(wf: dict) -> dict:
     """``link id -> (origin node id, origin slot, type)`` for both link layouts (lists; objects since v1)."""
     out = {}
     for ln in wf.get("links") or []:
-        if isinstance(ln, list) and len(ln) >= 6:
+        if isinstance(ln, list) and len(ln) >= 6 and isinstance(ln[0], (int, str)):
             out[ln[0]] = (ln[1], ln[2], ln[5])
         elif isinstance(ln, dict) and "origin_id" in ln:
             out[ln.get("id")] = (ln["origin_id"], ln.get("origin_slot", 0), ln.get("type"))
@@ -267,7 +267,7 @@ def _widget_values(node: dict) -> dict:
                 break
             out[name] = values[pos]
             pos += 1
-            if "seed" in name and pos < len(values) and values[pos] in CONTROL:
+            if "seed" in name and pos < len(values) and isinstance(values[pos], str) and values[pos] in CONTROL:
                 pos += 1
         if names and len(out) == len(names) and pos == len(values):
             return out
