@@ -330,15 +330,24 @@ def prompted(tmp_path, good_images) -> dict[str, Path]:
             "plain": Path(shutil.copy(good_images[2], d / "plain.jpg"))}
 
 
-def test_embedded_prompts_are_used_exactly(tmp_path, tiny, prompted, small_bank, capsys):
+def test_embedded_prompts_are_used_exactly(tmp_path, tiny, prompted, small_bank, capsys, monkeypatch):
+    from revsd import textsearch
+
+    searched, search = [], textsearch.TextChooser.__call__
+    monkeypatch.setattr(textsearch.TextChooser, "__call__",
+                        lambda self, emb, words=None: searched.append(len(emb)) or search(self, emb, words))
     code, lines = _run(tmp_path, prompted.values(), bank=small_bank)
     assert code == 0
+    assert sum(searched) == 2  # the text search runs for the two files without a prompt only
     r = {k: line for k, line in zip(prompted, lines)}
+    bank = retrieval.load_bank(small_bank)
     for kind, prompt in (("a1111", A1111_PROMPT), ("comfyui", COMFY_PROMPT)):
         assert r[kind]["prompt"] == prompt and r[kind]["prompt_source"] == "metadata", kind
-        assert r[kind]["metadata"]["prompt"] == prompt and r[kind]["error"] is None
+        assert r[kind]["metadata"]["prompt"] == prompt and r[kind]["error"] is None and r[kind]["prompt_cosine"] == 1
         np.testing.assert_allclose(r[kind]["embedding"], encode([prompt])[0], atol=1e-5)
         assert not np.allclose(r[kind]["embedding"], r[kind]["model_embedding"], atol=1e-3)
+        scores, idx = bank.search(np.asarray([r[kind]["embedding"]], np.float32), 5)  # its nearest bank prompts
+        assert [n["prompt"] for n in r[kind]["neighbors"]] == [bank.prompts[j] for j in idx[0]]
     assert r["a1111"]["metadata"]["seed"] == 42 and r["a1111"]["metadata"]["negative_prompt"] == "blurry"
     assert r["comfyui"]["metadata"]["tool"] == "comfyui" and r["comfyui"]["metadata"]["steps"] == 20
     for kind in ("plain", "malformed"):  # never a claimed prompt; a broken chunk is a warning, not a crash

@@ -174,6 +174,11 @@ class TextChooser:
                    for srow, irow in zip(scores, idx)]
         return emb, words, nearest, idx
 
+    def neighbors(self, emb: np.ndarray) -> list[list[tuple[str, float]]]:
+        """The ``k`` nearest bank prompts of each embedding, ``(prompt, cosine)``, without the text search (for
+        embeddings whose prompt is known, e.g. read from the file)."""
+        return self._nearest(emb, None, self.k)[2] if len(emb) else []
+
     def __call__(self, emb: np.ndarray, words: Sequence[Sequence[str]] | None = None) -> list[Readable]:
         """``emb`` (n, 384) predicted embeddings; ``words[i]``: image i's confident words, most probable first."""
         emb, words, pooled, idx = self._nearest(emb, words, self.pool)
