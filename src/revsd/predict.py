@@ -162,16 +162,10 @@ def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, p
         emb = raw.copy()
     infos = [meta.info if meta else None for _, meta, _ in loaded]
     from_meta = [j for j, info in enumerate(infos) if info and (info.get("prompt") or "").strip()]
-    if from_meta:
-        emb[from_meta] = encode([infos[j]["prompt"] for j in from_meta])
+    emb[from_meta] = encode([infos[j]["prompt"] for j in from_meta])  # (none: an empty array, no model loaded)
     words = confident_words(probs, predictor.words, word_threshold)
-    texts = [None] * len(recs)
-    if chooser:  # the text search only where the file does not carry the prompt; its neighbours for the others
-        search = [j for j in range(len(recs)) if j not in from_meta]
-        for j, t in zip(search, chooser(emb[search], [[w for w, _ in words[j]] for j in search]) if search else []):
-            texts[j] = t
-        for j, nb in zip(from_meta, chooser.neighbors(emb[from_meta])):
-            recs[j]["neighbors"] = [{"prompt": p, "cosine": round(c, 5)} for p, c in nb]
+    known = [infos[j]["prompt"] if j in from_meta else None for j in range(len(recs))]  # no text search for these
+    texts = chooser.choose(emb, [[w for w, _ in ws] for ws in words], known) if chooser else [None] * len(recs)
     for j, r in enumerate(recs):
         r.update(embedding=_vec(emb[j]), model_embedding=_vec(raw[j]), metadata=infos[j],
                  in_domain=None if ind is None else round(float(ind[j]), 4), prompt_source="model",

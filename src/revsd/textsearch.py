@@ -174,10 +174,18 @@ class TextChooser:
                    for srow, irow in zip(scores, idx)]
         return emb, words, nearest, idx
 
-    def neighbors(self, emb: np.ndarray) -> list[list[tuple[str, float]]]:
-        """The ``k`` nearest bank prompts of each embedding, ``(prompt, cosine)``, without the text search (for
-        embeddings whose prompt is known, e.g. read from the file)."""
-        return self._nearest(emb, None, self.k)[2] if len(emb) else []
+    def choose(self, emb: np.ndarray, words=None, known: Sequence[str | None] | None = None) -> list[Readable]:
+        """``self(emb, words)`` for the rows without a ``known`` prompt; a known prompt (read from the file) is taken
+        as it is (cosine 1), with its nearest bank prompts as neighbours and no text search."""
+        known = list(known) if known is not None else [None] * len(emb)
+        words = list(words) if words is not None else [[] for _ in known]
+        search, rest = [i for i, k in enumerate(known) if k is None], [i for i, k in enumerate(known) if k is not None]
+        out: list = [None] * len(known)
+        for i, r in zip(search, self(emb[search], [words[i] for i in search]) if search else []):
+            out[i] = r
+        for i, nb in zip(rest, self._nearest(emb[rest], None, self.k)[2] if rest else []):
+            out[i] = Readable(known[i], 1.0, nb, {})
+        return out
 
     def __call__(self, emb: np.ndarray, words: Sequence[Sequence[str]] | None = None) -> list[Readable]:
         """``emb`` (n, 384) predicted embeddings; ``words[i]``: image i's confident words, most probable first."""
