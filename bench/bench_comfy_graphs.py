@@ -75,9 +75,13 @@ def main(argv=None) -> int:
                f"same prompt in {sum(r['same prompt'] == 'yes' for r in both)}; sd-parsers put the positive inside "
                f"the negative in {count('positive inside negative')} and appended the negative to the positive in "
                f"{count('negative appended')}.")
-    cmd = " ".join([".venv/bin/python bench/bench_comfy_graphs.py", *(sys.argv[1:] if argv is None else argv)])
-    write_text(args.out, f"# bench_comfy_graphs\n\n`{cmd}` (graphs: `bench/comfy_graph_sources.tsv`)\n\n"
-                         f"{summary}\n\n{markdown(rows)}")
+    return report("bench_comfy_graphs", argv, args.out, "graphs: `bench/comfy_graph_sources.tsv`", summary, rows)
+
+
+def report(name: str, argv, out: str, sources: str, summary: str, rows: list[dict]) -> int:
+    """Write ``bench/results/<name>.md`` (the command, where its inputs come from, the summary, the table)."""
+    cmd = " ".join([f".venv/bin/python bench/{name}.py", *(sys.argv[1:] if argv is None else argv)])
+    write_text(out, f"# {name}\n\n`{cmd}` ({sources})\n\n{summary}\n\n{markdown(rows)}")
     print(summary)
     return 0
 

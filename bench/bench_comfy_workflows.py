@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 from revsd import comfy
-from revsd.artifacts import write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_predict import markdown
+from bench_comfy_graphs import report
 
 SETTINGS = ("model", "seed", "steps", "sampler", "cfg", "width", "height")
 
@@ -72,11 +71,7 @@ def main(argv=None) -> int:
                f"after export); the same negative in {sum(r['same negative'] == 'yes' for r in both)}; a setting "
                f"left empty in {sum(bool(r['settings missing']) for r in both)}, a setting different in "
                f"{sum(bool(r['settings different']) for r in both)}. A prompt where the API graph has none: {extra}.")
-    cmd = " ".join([".venv/bin/python bench/bench_comfy_workflows.py", *(sys.argv[1:] if argv is None else argv)])
-    write_text(args.out, f"# bench_comfy_workflows\n\n`{cmd}` (pairs: `bench/comfy_workflow_sources.tsv`)\n\n"
-                         f"{summary}\n\n{markdown(rows)}")
-    print(summary)
-    return 0
+    return report("bench_comfy_workflows", argv, args.out, "pairs: `bench/comfy_workflow_sources.tsv`", summary, rows)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,15 @@ def calibrate(score, data: dict) -> dict:
     return {k: (v.astype(np.float64) - med) / scale for k, v in s.items()}
 
 
+def guard_z(g, data: dict, n_val: int) -> dict:
+    """z of every set under a fitted ``DomainGuard``; cross-fitted: val is in the subspace, so its z are the
+    out-of-fold calibration scores (the last ``n_val`` of them)."""
+    z = {k: (g.score(v).astype(np.float64) - g.median) / g.scale for k, v in data.items()}
+    if g.calibration != "val":
+        z["val"] = (g.val_scores[-n_val:].astype(np.float64) - g.median) / g.scale
+    return z
+
+
 def in_domain(z, alpha):
     return np.minimum(1.0, np.array([0.5 * math.erfc(v / math.sqrt(2)) for v in z]) / alpha)
 
@@ -247,9 +256,8 @@ def bench_run(run: Path, sets: dict, ts, prior_vec, layers: bool, sheet: Path | 
     source = "the run's saved domain.npz" if g is not None else \
         f"`DomainGuard.fit` on all {n['train']} train / {n['val']} val features (as `domain.fit_for_run`)"
     g = g or domain.DomainGuard.fit(F["train"], F["val"], cross_fit=pred.spec.mode == "frozen")
-    zq = {k: (g.score(v).astype(np.float64) - g.median) / g.scale for k, v in F.items()}
-    if g.calibration != "val":  # cross-fitted: val is in the subspace; its calibration scores are out-of-fold
-        zq["val"] = (g.val_scores[-n["val"]:].astype(np.float64) - g.median) / g.scale
+    zq = guard_z(g, F, n["val"])
+    if g.calibration != "val":
         source += f", calibrated {g.calibration}"
     assert np.allclose(in_domain(zq["test"], g.alpha), g.in_domain(F["test"]), atol=1e-6)
     name = f"Q{domain.DIMS} (guard: {len(g.components)} dims{', cross-fitted' if g.calibration != 'val' else ''})"
@@ -272,9 +280,7 @@ def bench_run(run: Path, sets: dict, ts, prior_vec, layers: bool, sheet: Path | 
         for a in (0.0025, 0.005):
             rows.append(row(run.name, "union", f"union a={a}", zu, a, emb["test"], true, prior_vec))
         if g.calibration != "val":  # the logit view calibrated as the guard is (cross-fitted), then the union
-            gl = domain.DomainGuard.fit(L["train"], L["val"], cross_fit=True)
-            zc = {k: (gl.score(v).astype(np.float64) - gl.median) / gl.scale for k, v in L.items()}
-            zc["val"] = (gl.val_scores[-n["val"]:].astype(np.float64) - gl.median) / gl.scale
+            zc = guard_z(domain.DomainGuard.fit(L["train"], L["val"], cross_fit=True), L, n["val"])
             zu = {k: np.maximum(zq[k], zc[k]) for k in zq}
             for a in (0.0025, 0.005):
                 rows.append(row(run.name, "union", f"union cross-fitted a={a}", zu, a, emb["test"], true, prior_vec))

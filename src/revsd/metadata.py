@@ -235,6 +235,10 @@ def _from_library(tool: str, pi) -> dict | None:
                  p.get("steps"), s.name if s and s.name != "unknown" else None, p.get("cfg_scale"), w, h)
 
 
+def _comfy_info(own: dict | None) -> dict | None:
+    return formats.info("comfyui", **own) if own else None
+
+
 def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
     from sd_parsers.exceptions import ParserError
     from sd_parsers.parsers import AUTOMATIC1111Parser, ComfyUIParser, FooocusParser, InvokeAIParser, NovelAIParser
@@ -301,14 +305,13 @@ def _parse(chunks: dict[str, str]) -> tuple[dict | None, str | None]:
         own = comfy.read(graph)  # first: sd-parsers follows every conditioning link (see revsd.comfy)
         if own is None and "workflow" in chunks:  # e.g. samplers fed by text-embed nodes only sd-parsers knows
             return lib("comfyui", ComfyUIParser, {"prompt": s, "workflow": chunks["workflow"]})[0], None
-        return (formats.info("comfyui", **own) if own else None), None  # a graph without a text prompt claims nothing
+        return _comfy_info(own), None  # a graph without a text prompt claims nothing
     if chunks.get("workflow") is not None:  # the UI's workflow without the API graph beside it
         try:
             wf = json.loads(chunks["workflow"])
         except json.JSONDecodeError as e:
             return None, f"'workflow' metadata is malformed JSON ({e})"
-        own = comfy.read(comfy.from_workflow(wf)) if isinstance(wf, dict) else None
-        return (formats.info("comfyui", **own) if own else None), None
+        return _comfy_info(comfy.read(comfy.from_workflow(wf)) if isinstance(wf, dict) else None), None
     return None, None
 
 
