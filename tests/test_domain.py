@@ -104,6 +104,28 @@ def test_cross_fitted_calibration_uses_every_image_without_in_sample_bias(tmp_pa
     np.testing.assert_allclose(back.in_domain(fresh[:50]), g.in_domain(fresh[:50]), atol=1e-5)
 
 
+def test_word_prior_counts_bank_prompts_and_guard_probs_moves_towards_it(monkeypatch):
+    prompts = ["a red cat", "two cats on a sofa", "a dog", "portrait of a woman, oil painting", "a cat and a dog"]
+    wp = domain.WordPrior(prompts, ["cat", "dog", "red", "painting"])
+    np.testing.assert_allclose(wp.rates, [3 / 5, 2 / 5, 1 / 5, 1 / 5])  # lemmas: "cats" counts as "cat"
+    many = [f"{p}, number {i}" for i in range(40) for p in prompts]  # 200 prompts, the same rates
+    sub = domain.WordPrior(many, ["cat", "dog"], max_prompts=60)  # a seeded sample of 60 of them
+    assert np.array_equal(sub.rates, domain.WordPrior(many, ["cat", "dog"], max_prompts=60).rates)
+    assert np.abs(sub.rates - [0.6, 0.4]).max() < 0.15 and (sub.rates * 60).round(4).tolist() == \
+        (sub.rates * 60).round().tolist()  # counted on 60 prompts
+    def no_tagger(*a, **k):
+        raise OSError("no spaCy model")
+
+    monkeypatch.setattr("revsd.vocab.label_matrix", no_tagger)
+    with pytest.warns(UserWarning, match="word prior unavailable .*no spaCy model"):
+        assert domain.WordPrior(["a cat"], ["cat", "dog"]).rates.tolist() == [0, 0]  # words fade with in_domain
+    probs = np.array([[0.9, 0.1, 0.8, 0.0], [0.9, 0.1, 0.8, 0.0], [0.9, 0.1, 0.8, 0.0]], np.float32)
+    moved = domain.guard_probs(probs, np.array([1.0, 0.0, 0.5]), wp.rates)
+    np.testing.assert_allclose(moved[0], probs[0])
+    np.testing.assert_allclose(moved[1], wp.rates)
+    np.testing.assert_allclose(moved[2], (probs[2] + wp.rates) / 2)
+
+
 @pytest.fixture(scope="module")
 def demo_like_run(prepared_exp):
     """A real frozen EfficientNet-Lite2 run (packaged ImageNet weights; the demo's best backbone) trained on the
@@ -180,6 +202,19 @@ def test_predict_moves_out_of_domain_photos_to_their_image_prior(demo_like_run, 
     for r in recs[len(SKIMAGE_PHOTOS):]:
         if r["in_domain"] == 1:
             np.testing.assert_allclose(r["embedding"], r["model_embedding"], atol=1e-6)
+    # the vocabulary head's words move alike: towards each word's share of the bank's prompts
+    rates = dict(zip(pred.words, domain.WordPrior(prompts, pred.words).rates))
+    raw_words = [r for r in recs if r["in_domain"] < domain.OUT_OF_DOMAIN and r["model_words"]]
+    assert raw_words  # the demo head names its words (e.g. "style") on photos too
+    for r in recs:
+        if r["in_domain"] == 1:
+            assert r["words"] == r["model_words"]
+        w = r["in_domain"]
+        expected = {m["word"]: w * m["prob"] + (1 - w) * rates[m["word"]] for m in r["model_words"]}
+        assert {m["word"] for m in r["words"]} >= {k for k, v in expected.items() if v >= 0.5 + 1e-3}
+        for m in r["words"]:
+            assert m["prob"] >= 0.5 and (m["word"] not in expected or abs(m["prob"] - expected[m["word"]]) < 1e-3)
+    assert any(len(r["words"]) < len(r["model_words"]) for r in raw_words)
     # --guard-alpha: a stricter guard moves every image at least as far, and the summary line says so
     strict = tmp_path / "strict.jsonl"
     assert predict.main([*map(str, files), "--model", str(demo_like_run), "--bank", str(tmp_path / "bank"),

@@ -20,7 +20,8 @@ on other images, and then a constant scores better than the model (issue 13). Th
   tighter than new images': the subspace is fitted on train and calibrated on val;
 - **guard**: ``normalize(in_domain · model + (1 − in_domain) · prior)``, ``prior`` the mean embedding of the
   prompt bank (the constant that beats an out-of-domain model) or, in ``revsd predict``, each image's
-  image-conditioned prior (``revsd.prior``).
+  image-conditioned prior (``revsd.prior``); the vocabulary head's word probabilities move alike, towards each
+  word's share of the bank's prompts (:class:`WordPrior`, :func:`guard_probs`).
 
 Alternatives compared on every demo run (``bench/bench_guard_scores.py``): Q with 16 components, Hotelling T²,
 k-NN, Ledoit-Wolf Mahalanobis, the ImageNet-logit view, their union and per-block channel statistics.
@@ -141,6 +142,40 @@ def guard(emb: np.ndarray, in_domain: np.ndarray, prior: np.ndarray) -> np.ndarr
 def bank_prior(bank_emb: np.ndarray) -> np.ndarray:
     """The broad prior: the normalised mean embedding of a prompt bank."""
     return _unit(np.asarray(bank_emb, dtype=np.float32).mean(0))
+
+
+class WordPrior:
+    """The vocabulary head's prior: the share of the prompt bank's prompts holding each word (the vocabulary's own
+    lemmatisation, ``revsd.vocab.label_matrix``), i.e. what the head should say of an image it knows nothing of.
+    Counted on first use, on a seeded sample of at most ``max_prompts`` prompts (standard error ≤ 0.011 at 2,000)."""
+
+    def __init__(self, prompts, words, max_prompts: int = 2000):
+        self.prompts, self.words, self.max_prompts = list(prompts), list(words), max_prompts
+        self._rates: np.ndarray | None = None
+
+    @property
+    def rates(self) -> np.ndarray:
+        if self._rates is None:
+            from revsd import vocab
+
+            p = self.prompts
+            if len(p) > self.max_prompts:
+                p = [p[i] for i in np.sort(np.random.default_rng(0).choice(len(p), self.max_prompts, replace=False))]
+            try:
+                m = vocab.label_matrix(p, self.words) if p and self.words else None
+            except Exception as e:  # e.g. no spaCy model here: words then fade with in_domain (rates 0)
+                warnings.warn(f"word prior unavailable ({type(e).__name__}: {e}); out-of-domain word "
+                              "probabilities move towards 0", stacklevel=2)
+                m = None
+            self._rates = (np.zeros(len(self.words), np.float32) if m is None
+                           else np.asarray(m.mean(0), dtype=np.float32).ravel())
+        return self._rates
+
+
+def guard_probs(probs: np.ndarray, in_domain: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """Word probabilities moved as the embedding is: ``w · probs + (1 − w) · rates`` row-wise, ``w`` = in_domain."""
+    w = np.asarray(in_domain, dtype=np.float32).reshape(-1, 1)
+    return (w * np.asarray(probs, dtype=np.float32) + (1.0 - w) * np.asarray(rates, dtype=np.float32)[None, :])
 
 
 # --- persistence ------------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ file carries: prompt, negative_prompt, model, seed, steps, sampler, cfg, width, 
 images; below 1 the model embedding is moved towards the image-conditioned prior of ``revsd.prior``, or the
 prompt bank's mean with ``--broad-prior`` or without the packaged classifier, see ``revsd.domain``; null without
 a guard); ``prompt_cosine`` (cosine of the prompt's own MiniLM embedding to ``embedding``); ``neighbors``
-[{prompt, cosine}]; ``words`` [{word, prob}]; ``warning`` (null, or e.g. a malformed metadata chunk) and
-``error`` (null, or why this file failed; the other fields are then null/empty). A bad file never stops the batch.
+[{prompt, cosine}]; ``words`` [{word, prob}] (moved like the embedding, towards each word's share of the bank's
+prompts) and ``model_words`` (the vocabulary head's own); ``warning`` (null, or e.g. a malformed metadata chunk)
+and ``error`` (null, or why this file failed; the rest null/empty). A bad file never stops the batch.
 
 Sidecars (``--txt``): ``<image stem>.txt`` with the prompt; images of one run that would share one (``img.bmp``,
 ``img.webp``) get ``<image name>.txt`` each (``img.bmp.txt``). An existing sidecar is left alone and reported
@@ -44,14 +45,7 @@ from tqdm.auto import tqdm
 from revsd import domain, metadata, paths, runs
 from revsd.images import ImageError, open_rgb, return_big_buffers_to_os, scan_images
 from revsd.prior import ImagePrior
-from revsd.retrieval import (
-    PromptBank,
-    TextChooser,
-    default_bank,
-    encode,
-    load_bank,
-    modifier_bank,
-)
+from revsd.retrieval import PromptBank, TextChooser, default_bank, encode, load_bank, modifier_bank
 from revsd.sidecars import sidecar_paths, write_sidecar
 
 NO_MODEL_HELP = ("no trained model found under {where}: train one with `make demo` "
@@ -107,7 +101,7 @@ def _load(path: Path, side: int | None, read_metadata: bool):
 def _blank(image, err: str | None, warning: str | None) -> dict:
     return {"image": str(image), "prompt": None, "prompt_source": None, "metadata": None, "embedding": None,
             "model_embedding": None, "in_domain": None, "prompt_cosine": None, "neighbors": [], "words": [],
-            "warning": warning, "error": err}
+            "model_words": [], "warning": warning, "error": err}
 
 
 def _vec(v: np.ndarray) -> list[float]:
@@ -116,11 +110,13 @@ def _vec(v: np.ndarray) -> list[float]:
 
 def predict_records(predictor, files: Sequence[Path], chooser: TextChooser | None, batch_size: int = 32,
                     word_threshold: float = 0.5, workers: int = 4, guard: domain.DomainGuard | None = None,
-                    prior: np.ndarray | None = None, read_metadata: bool = True) -> Iterator[list[dict]]:
+                    prior: np.ndarray | None = None, read_metadata: bool = True,
+                    word_prior: domain.WordPrior | None = None) -> Iterator[list[dict]]:
     """Yield one list of JSON-ready records per batch of ``files`` (input order; failures carry ``error``).
 
     ``guard`` + ``prior``: give ``in_domain`` and move out-of-domain embeddings towards ``prior`` (a vector, or
-    ``prior(images, feats) -> (n, D)``: ``revsd.prior.ImagePrior``).
+    ``prior(images, feats) -> (n, D)``: ``revsd.prior.ImagePrior``); ``word_prior``: move their word
+    probabilities alike (``words``; ``model_words`` keeps the head's own).
     ``read_metadata``: use the exact prompt a file carries (``prompt_source: "metadata"``)."""
     side = min_side(predictor)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -132,7 +128,7 @@ def predict_records(predictor, files: Sequence[Path], chooser: TextChooser | Non
             if ok:
                 try:
                     _fill(predictor, [loaded[i] for i in ok], [recs[i] for i in ok], chooser, batch_size,
-                          word_threshold, guard, prior)
+                          word_threshold, guard, prior, word_prior)
                 except Exception as e:  # a failing batch is reported per image; the next batch still runs
                     for i in ok:
                         recs[i].update(_blank(chunk[i], f"{chunk[i]}: prediction failed ({type(e).__name__}: {e})",
@@ -151,7 +147,7 @@ def _priors(prior, imgs, feats, ind) -> np.ndarray:
     return out
 
 
-def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, prior) -> None:
+def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, prior, word_prior) -> None:
     imgs = [img for img, _, _ in loaded]
     if guard is not None:
         raw, probs, feats = predictor.predict(imgs, batch_size=batch_size, with_features=True)
@@ -163,13 +159,16 @@ def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, p
     infos = [meta.info if meta else None for _, meta, _ in loaded]
     from_meta = [j for j, info in enumerate(infos) if info and (info.get("prompt") or "").strip()]
     emb[from_meta] = encode([infos[j]["prompt"] for j in from_meta])  # (none: an empty array, no model loaded)
-    words = confident_words(probs, predictor.words, word_threshold)
+    model_words = words = confident_words(probs, predictor.words, word_threshold)
+    if ind is not None and probs is not None and word_prior is not None and (ind < 1).any():
+        words = confident_words(domain.guard_probs(probs, ind, word_prior.rates), predictor.words, word_threshold)
     known = [infos[j]["prompt"] if j in from_meta else None for j in range(len(recs))]  # no text search for these
     texts = chooser.choose(emb, [[w for w, _ in ws] for ws in words], known) if chooser else [None] * len(recs)
     for j, r in enumerate(recs):
         r.update(embedding=_vec(emb[j]), model_embedding=_vec(raw[j]), metadata=infos[j],
                  in_domain=None if ind is None else round(float(ind[j]), 4), prompt_source="model",
-                 words=[{"word": w, "prob": round(p, 4)} for w, p in words[j]])
+                 words=[{"word": w, "prob": round(p, 4)} for w, p in words[j]],
+                 model_words=[{"word": w, "prob": round(p, 4)} for w, p in model_words[j]])
         if texts[j] is not None:
             r["prompt"], r["prompt_cosine"] = texts[j].prompt, round(texts[j].cosine, 5)
             r["neighbors"] = [{"prompt": p, "cosine": round(c, 5)} for p, c in texts[j].neighbors]
@@ -311,8 +310,9 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
          f"prompts -> {out}")
     with open(out, "w") as f, tqdm(total=len(files), desc="predict", unit="img") as bar:
         prior = image_prior if image_prior is not None else domain.bank_prior(bank.emb)
+        words = domain.WordPrior(bank.prompts, predictor.words) if guard is not None else None
         for recs in predict_records(predictor, files, chooser, args.batch_size, args.word_threshold, guard=guard,
-                                    prior=prior, read_metadata=not args.ignore_metadata):
+                                    prior=prior, read_metadata=not args.ignore_metadata, word_prior=words):
             for r in recs:
                 if r["error"]:
                     failed.append(r)
