@@ -338,7 +338,7 @@ def test_ui_workflow_widget_names_listed_or_unknown():
 
 def test_ui_workflow_without_a_readable_prompt_claims_nothing(tmp_path):
     wf = ui_default()
-    _ui_node(wf, 6)["type"] = "3f2a9c1e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"  # a subgraph: not expanded
+    _ui_node(wf, 6)["type"] = "3f2a9c1e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"  # a subgraph whose definition is missing
     r = metadata.read(write_png(tmp_path / "sub.png", {"workflow": json.dumps(wf)}))
     assert r == metadata.MetadataResult(None, None)
     r = metadata.read(write_png(tmp_path / "bad.png", {"workflow": "{\"nodes\": ["}))
@@ -346,6 +346,74 @@ def test_ui_workflow_without_a_readable_prompt_claims_nothing(tmp_path):
     odd = {"nodes": [{"id": [3]}, {"id": 3, "type": "KSampler", "widgets_values": [1, [2], 20, 8, "euler", "n", 1]}],
            "links": [[[1], 1, 0, 3, 0, "X"], "x"]}  # odd shapes: no values guessed, no exception
     assert comfy.from_workflow(odd) == {"3": {"class_type": "KSampler", "inputs": {}}}
+
+
+def subgraphed(text_value=None, values=("a lighthouse at dusk", 42)) -> dict:
+    """ComfyUI's default workflow packed into a subgraph as the UI (frontend ≥ 1.24) saves it: the instance promotes
+    the subgraph's ``text`` and ``seed`` inputs (``proxyWidgets``), ``steps`` is an input it sets no value for, and the
+    positive encoder sits in a nested subgraph fed from the outer one's ``text``. ``text_value``: feed ``text`` from an
+    outer primitive instead of a promoted value."""
+    wf = ui_default()
+    inner = [n for n in wf["nodes"] if n["id"] != 9]
+    sampler, pos = _ui_node(wf, 3), _ui_node(wf, 6)
+    sampler["inputs"] += [{"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": 30},
+                          {"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": 31}]
+    pos["widgets_values"] = ["stale text inside"]
+    pos["inputs"].append({"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": 1})
+    nested = {"id": "sg-enc", "inputs": [{"name": "clip", "type": "CLIP"}, {"name": "text", "type": "STRING"}],
+              "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING"}], "nodes": [{**pos, "inputs": [
+                  {"name": "clip", "type": "CLIP", "link": 1}, {**pos["inputs"][1], "link": 2}]}],
+              "links": [{"id": 1, "origin_id": -10, "origin_slot": 0, "target_id": 6, "target_slot": 0, "type": "CLIP"},
+                        {"id": 2, "origin_id": -10, "origin_slot": 1, "target_id": 6, "target_slot": 1,
+                         "type": "STRING"},
+                        {"id": 3, "origin_id": 6, "origin_slot": 0, "target_id": -20, "target_slot": 0,
+                         "type": "CONDITIONING"}]}
+    enc = {"id": 16, "type": "sg-enc", "mode": 0, "inputs": [{"name": "clip", "type": "CLIP", "link": 3},
+                                                            {"name": "text", "type": "STRING", "link": 32}],
+           "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [4]}]}
+    links = [ln for ln in wf["links"] if ln[0] != 9] + [
+        [30, -10, 1, 3, 4, "INT"], [31, -10, 2, 3, 5, "INT"], [32, -10, 0, 16, 1, "STRING"],
+        [33, 8, 0, -20, 0, "IMAGE"]]
+    for ln in links:
+        if ln[0] == 4:
+            ln[1] = 16  # the positive conditioning now comes out of the nested subgraph
+    outer = {"id": "sg-t2i", "inputs": [{"name": "text", "type": "STRING"}, {"name": "seed", "type": "INT"},
+                                        {"name": "steps", "type": "INT"}],
+             "outputs": [{"name": "IMAGE", "type": "IMAGE"}], "nodes": [n for n in inner if n["id"] != 6] + [enc],
+             "links": [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), ln))
+                       for ln in links]}
+    instance = {"id": 75, "type": "sg-t2i", "mode": 0, "inputs": [], "widgets_values": list(values),
+                "properties": {"proxyWidgets": [["-1", "text"], ["-1", "seed"]]},
+                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [40]}]}
+    top = {"nodes": [instance, {**_ui_node(wf, 9), "inputs": [{"name": "images", "type": "IMAGE", "link": 40}]}],
+           "links": [[40, 75, 0, 9, 0, "IMAGE"]], "definitions": {"subgraphs": [outer, nested]}, "version": 0.4}
+    if text_value is not None:
+        instance["properties"]["proxyWidgets"], instance["widgets_values"] = [["-1", "seed"]], [values[1]]
+        instance["inputs"] = [{"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": 41}]
+        top["nodes"].append({"id": 11, "type": "PrimitiveNode", "mode": 0, "widgets_values": [text_value]})
+        top["links"].append([41, 11, 0, 75, 0, "STRING"])
+    return top
+
+
+def test_ui_workflow_subgraphs_are_expanded(tmp_path):
+    wf = subgraphed()
+    graph = comfy.from_workflow(wf)
+    assert {"75:3", "75:16:6", "9"} <= set(graph) and "75" not in graph  # ids as ComfyUI's API export names them
+    assert graph["9"]["inputs"]["images"] == ["75:8", 0] and graph["75:3"]["inputs"]["positive"] == ["75:16:6", 0]
+    info = comfy.read(graph)
+    assert info == {**UI_INFO, "prompt": "a lighthouse at dusk", "seed": 42, "steps": None}  # no stale value
+    r = metadata.read(write_png(tmp_path / "sub.png", {"workflow": json.dumps(wf)}))
+    assert r.warning is None and r.info == {**info, "tool": "comfyui"}
+    assert comfy.read(comfy.from_workflow(subgraphed(text_value="a fox in snow")))["prompt"] == "a fox in snow"
+    muted = subgraphed()
+    muted["nodes"][0]["mode"] = 2
+    assert comfy.read(comfy.from_workflow(muted)) is None
+    unnamed = subgraphed()  # promoted values that do not match the names: none taken
+    unnamed["nodes"][0]["properties"] = {}
+    assert comfy.read(comfy.from_workflow(unnamed)) is None
+    looped = subgraphed()  # a definition that contains itself: expanded to a bounded depth, no exception
+    looped["definitions"]["subgraphs"][1]["nodes"].append({"id": 99, "type": "sg-enc", "inputs": []})
+    assert comfy.read(comfy.from_workflow(looped))["prompt"] == "a lighthouse at dusk"
 
 
 def test_concatenation_with_a_run_time_part_claims_nothing():

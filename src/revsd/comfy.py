@@ -32,7 +32,8 @@ from 56 of them, sd-parsers from 30; the other 7 hold no text (templates with em
 one of those negatives was empty, leaving a trailing comma); this module did neither.
 
 **The UI's workflow alone** (a file with a ``workflow`` chunk and no ``prompt``): :func:`from_workflow` rebuilds the
-API graph (links, reroutes, bypassed and muted nodes, primitives) and :func:`read` traces it. The UI stores widget
+API graph (links, reroutes, bypassed and muted nodes, primitives, subgraphs expanded with the values their node
+sets) and :func:`read` traces it. The UI stores widget
 values by position only: their names come from the node's widget inputs (newer UIs list every widget) or from
 :data:`WIDGETS` (the core nodes the tracer reads); a node whose names are unknown, or whose stored values do not
 match them, contributes no values (nothing is guessed). On 25 public UI workflows stored beside their API export
@@ -238,15 +239,69 @@ PASS_THROUGH = {"Reroute"}  # UI-only nodes that forward their input's link
 MUTED, BYPASSED = 2, 4  # node modes: left out of the API graph; a bypassed node passes its input of the same type on
 
 
-def _links(wf: dict) -> dict:
-    """``link id -> (origin node id, origin slot, type)`` for both link layouts (lists; objects since v1)."""
+SUB_IN, SUB_OUT, SUB_DEPTH = -10, -20, 8  # a subgraph's input and output nodes; nesting expanded at most this deep
+
+
+def _links(links) -> dict:
+    """``link id -> [origin id, origin slot, target id, target slot, type]`` for both link layouts (lists; objects
+    since v1, and inside subgraphs)."""
     out = {}
-    for ln in wf.get("links") or []:
+    for ln in links if isinstance(links, list) else []:
         if isinstance(ln, list) and len(ln) >= 6 and isinstance(ln[0], (int, str)):
-            out[ln[0]] = (ln[1], ln[2], ln[5])
+            out[ln[0]] = list(ln[1:6])
         elif isinstance(ln, dict) and "origin_id" in ln:
-            out[ln.get("id")] = (ln["origin_id"], ln.get("origin_slot", 0), ln.get("type"))
+            out[ln.get("id")] = [ln["origin_id"], ln.get("origin_slot", 0), ln.get("target_id"),
+                                 ln.get("target_slot"), ln.get("type")]
     return out
+
+
+def _instance_values(node: dict) -> dict:
+    """A subgraph instance's values by subgraph input name: the widgets it promotes (``proxyWidgets`` entries
+    ``["-1", name]``, in the order of its stored values) or its widget inputs (:func:`_widget_values`)."""
+    values, proxy = node.get("widgets_values"), (node.get("properties") or {}).get("proxyWidgets")
+    if isinstance(values, list) and isinstance(proxy, list) and len(proxy) == len(values):
+        return {p[1]: v for p, v in zip(proxy, values) if isinstance(p, list) and len(p) == 2 and str(p[0]) == "-1"}
+    return _widget_values(node)
+
+
+def _expand(nodes: list, links: dict, defs: dict, depth: int = 0) -> tuple[list, dict]:
+    """``(nodes, links)`` with every subgraph instance replaced by its nodes, recursively: inner ids become
+    ``"<instance>:<inner>"`` (as in ComfyUI's API export), an inner input fed by the subgraph's input takes the
+    instance's link or value there (no value: none, never the inner node's stale one), the instance's outputs come
+    from the inner nodes that feed them, and a muted or bypassed instance mutes or bypasses its nodes."""
+    out, links = [], dict(links)
+    for n in nodes:
+        d = defs.get(n.get("type")) if isinstance(n.get("type"), str) and depth < SUB_DEPTH else None
+        if not isinstance(d, dict):
+            out.append(n)
+            continue
+        iid, pre = n.get("id"), (lambda x, i=n.get("id"): f"{i}:{x}")
+        inner, rows = _expand([m for m in d.get("nodes") or [] if isinstance(m, dict) and "id" in m],
+                              _links(d.get("links")), defs, depth + 1)
+        rows = {pre(k): [o if o == SUB_IN else pre(o), os_, t if t == SUB_OUT else pre(t), ts, typ]
+                for k, (o, os_, t, ts, typ) in rows.items()}
+        names = [i.get("name") if isinstance(i, dict) else None for i in d.get("inputs") or []]
+        fed = {i.get("name"): i.get("link") for i in n.get("inputs") or [] if isinstance(i, dict)}
+        values = _instance_values(n)
+        for m in inner:
+            m = {**m, "id": pre(m["id"]), "inputs": [dict(i) for i in m.get("inputs") or [] if isinstance(i, dict)]}
+            if n.get("mode") in (MUTED, BYPASSED):
+                m["mode"] = n["mode"]
+            for i in m["inputs"]:
+                row = rows.get(pre(i.get("link"))) if i.get("link") is not None else None
+                i["link"] = None if row is None else pre(i["link"])
+                if row is not None and row[0] == SUB_IN:
+                    name = names[row[1]] if isinstance(row[1], int) and 0 <= row[1] < len(names) else None
+                    i["link"] = fed.get(name)
+                    if i["link"] is None:
+                        m["_values"] = {**m.get("_values", {}), i.get("name"): values.get(name)}
+            out.append(m)
+        outputs = {r[3]: r[:2] for r in rows.values() if r[2] == SUB_OUT and r[0] != SUB_IN}
+        links.update((k, r) for k, r in rows.items() if SUB_IN not in (r[0], r[2]) and r[2] != SUB_OUT)
+        for k, r in links.items():
+            if r[0] == iid:
+                links[k] = [*outputs.get(r[1], (None, 0)), *r[2:]]
+    return out, links
 
 
 def _widget_values(node: dict) -> dict:
@@ -278,9 +333,12 @@ def from_workflow(wf: dict) -> dict:
     """The API graph that ComfyUI would queue for a UI ``workflow``: node id -> ``{"class_type", "inputs"}``, links
     as ``[node id, slot]``, widget values by name (:func:`_widget_values`), reroutes and bypassed nodes passed
     through, muted nodes and UI-only primitives left out (a primitive's value is copied into the inputs it feeds).
-    Nodes inside a subgraph are not expanded: a sampler whose prompt sits inside one finds no text."""
-    nodes = {n["id"]: n for n in wf.get("nodes") or [] if isinstance(n, dict) and isinstance(n.get("id"), (int, str))}
-    links = _links(wf)
+    Subgraphs (``definitions.subgraphs``) are expanded first (:func:`_expand`)."""
+    defs = (wf.get("definitions") or {}).get("subgraphs") if isinstance(wf.get("definitions"), dict) else None
+    defs = {d.get("id"): d for d in defs if isinstance(d, dict)} if isinstance(defs, list) else {}
+    found, rows = _expand([n for n in wf.get("nodes") or [] if isinstance(n, dict)], _links(wf.get("links")), defs)
+    nodes = {n["id"]: n for n in found if isinstance(n.get("id"), (int, str))}
+    links = {k: (r[0], r[1], r[4]) for k, r in rows.items()}
 
     def origin(link_id, want=None, depth=0):
         """The real node and slot behind a link, through reroutes and bypassed nodes; a primitive's value."""
@@ -304,6 +362,8 @@ def from_workflow(wf: dict) -> dict:
         if node.get("mode") in (MUTED, BYPASSED) or node.get("type") in PASS_THROUGH | {"PrimitiveNode"}:
             continue
         inputs = _widget_values(node)
+        for k, v in (node.get("_values") or {}).items():  # set on the subgraph instance (None: unknown there)
+            inputs.pop(k, None) if v is None else inputs.__setitem__(k, v)
         for i in node.get("inputs") or []:
             if isinstance(i, dict) and i.get("name") and i.get("link") is not None:
                 got = origin(i["link"], i.get("type"))
