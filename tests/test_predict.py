@@ -297,7 +297,7 @@ def test_folders_and_recursive(tmp_path, tiny, good_images, small_bank):
 # --- embedded prompts (issue 13), faults (issue 14) -----------------------------------------------------------
 
 A1111_PROMPT = "a red fox in the snow, golden hour, (detailed fur:1.2)"
-COMFY_PROMPT = "a lighthouse on a cliff at night, dramatic sky"
+COMFY_PROMPT = "a portrait of a cat in a lighthouse at night, dramatic sky"
 COMFY_GRAPH = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 7, "steps": 20, "cfg": 8.0, "sampler_name": "euler",
                                                "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
@@ -349,6 +349,10 @@ def test_embedded_prompts_are_used_exactly(tmp_path, tiny, prompted, small_bank,
         scores, idx = bank.search(np.asarray([r[kind]["embedding"]], np.float32), 5)  # its nearest bank prompts
         assert [n["prompt"] for n in r[kind]["neighbors"]] == [bank.prompts[j] for j in idx[0]]
     assert r["a1111"]["metadata"]["seed"] == 42 and r["a1111"]["metadata"]["negative_prompt"] == "blurry"
+    # words: the file's prompt holds them exactly (vocabulary order, prob 1); model_words stay the head's own
+    assert r["comfyui"]["words"] == [{"word": "portrait", "prob": 1.0}, {"word": "cat", "prob": 1.0}]
+    assert r["a1111"]["words"] == [] and {w["word"] for w in r["a1111"]["model_words"]} == {"woman", "painting"}
+    assert r["plain"]["words"] == r["plain"]["model_words"] != []
     assert r["comfyui"]["metadata"]["tool"] == "comfyui" and r["comfyui"]["metadata"]["steps"] == 20
     for kind in ("plain", "malformed"):  # never a claimed prompt; a broken chunk is a warning, not a crash
         assert r[kind]["prompt_source"] == "model" and r[kind]["metadata"] is None and r[kind]["error"] is None

@@ -14,9 +14,10 @@ file carries: prompt, negative_prompt, model, seed, steps, sampler, cfg, width, 
 images; below 1 the model embedding is moved towards the image-conditioned prior of ``revsd.prior``, or the
 prompt bank's mean with ``--broad-prior`` or without the packaged classifier, see ``revsd.domain``; null without
 a guard); ``prompt_cosine`` (cosine of the prompt's own MiniLM embedding to ``embedding``); ``neighbors``
-[{prompt, cosine}]; ``words`` [{word, prob}] (moved like the embedding, towards each word's share of the bank's
-prompts) and ``model_words`` (the vocabulary head's own); ``warning`` (null, or e.g. a malformed metadata chunk)
-and ``error`` (null, or why this file failed; the rest null/empty). A bad file never stops the batch.
+[{prompt, cosine}]; ``words`` [{word, prob}] (the metadata prompt's vocabulary words at prob 1; else moved like
+the embedding, towards each word's share of the bank's prompts) and ``model_words`` (the vocabulary head's own);
+``warning`` (null, or e.g. a malformed metadata chunk) and ``error`` (null, or why this file failed; the rest
+null/empty). A bad file never stops the batch.
 
 Sidecars (``--txt``): ``<image stem>.txt`` with the prompt; images of one run that would share one (``img.bmp``,
 ``img.webp``) get ``<image name>.txt`` each (``img.bmp.txt``). An existing sidecar is left alone and reported
@@ -35,6 +36,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +49,7 @@ from revsd.images import ImageError, open_rgb, return_big_buffers_to_os, scan_im
 from revsd.prior import ImagePrior
 from revsd.retrieval import PromptBank, TextChooser, default_bank, encode, load_bank, modifier_bank
 from revsd.sidecars import sidecar_paths, write_sidecar
+from revsd.vocab import confident_words, prompt_words
 
 NO_MODEL_HELP = ("no trained model found under {where}: train one with `make demo` "
                  "(or `revsd pipeline --profile demo`), or pass --model RUN_DIR")
@@ -59,18 +62,6 @@ class UsageError(ValueError):
 def default_model_dir() -> Path | None:
     """Best ``val_cosine`` run of the experiment whose run finished last (``revsd.runs.latest_best_run``)."""
     return runs.latest_best_run()
-
-
-def confident_words(probs: np.ndarray | None, words: Sequence[str], threshold: float) -> list[list[tuple[str, float]]]:
-    """Per image, ``(word, prob)`` with ``prob >= threshold``, most probable first."""
-    if probs is None or not len(words):
-        return [[] for _ in range(0 if probs is None else len(probs))]
-    out = []
-    for row in np.asarray(probs, dtype=np.float32):
-        keep = np.flatnonzero(row >= threshold)
-        keep = keep[np.argsort(-row[keep], kind="stable")]
-        out.append([(words[j], float(row[j])) for j in keep])
-    return out
 
 
 def load_predictor(run_dir: str | Path):
@@ -162,6 +153,12 @@ def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, p
     model_words = words = confident_words(probs, predictor.words, word_threshold)
     if ind is not None and probs is not None and word_prior is not None and (ind < 1).any():
         words = confident_words(domain.guard_probs(probs, ind, word_prior.rates), predictor.words, word_threshold)
+    if from_meta and probs is not None:  # a prompt read from the file: its own vocabulary words (prob 1)
+        try:
+            held = dict(zip(from_meta, prompt_words([infos[j]["prompt"] for j in from_meta], predictor.words)))
+            words = [[(w, 1.0) for w in held[j]] if j in held else ws for j, ws in enumerate(words)]
+        except Exception as e:  # e.g. no spaCy model here: the model's words stay
+            warnings.warn(f"words of the metadata prompts not found ({type(e).__name__}: {e})", stacklevel=2)
     known = [infos[j]["prompt"] if j in from_meta else None for j in range(len(recs))]  # no text search for these
     texts = chooser.choose(emb, [[w for w, _ in ws] for ws in words], known) if chooser else [None] * len(recs)
     for j, r in enumerate(recs):

@@ -374,3 +374,22 @@ def label_matrix(prompts: Sequence[str], words: Iterable[str], pos: str | Sequen
     data = np.ones(len(rows), dtype=np.uint8)
     return sp.csr_matrix((data, (np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64))),
                          shape=(len(prompts), len(index)), dtype=np.uint8)
+
+
+def prompt_words(prompts: Sequence[str], words: Sequence[str]) -> list[list[str]]:
+    """Per prompt, the vocabulary ``words`` it holds (in vocabulary order; the same lemmatisation as the labels)."""
+    m = label_matrix(list(prompts), words).tocsr() if len(prompts) and len(words) else None
+    return [[words[j] for j in m.indices[m.indptr[i]:m.indptr[i + 1]]] for i in range(len(prompts))] if m is not None \
+        else [[] for _ in prompts]
+
+
+def confident_words(probs: np.ndarray | None, words: Sequence[str], threshold: float) -> list[list[tuple[str, float]]]:
+    """Per image, ``(word, prob)`` with ``prob >= threshold``, most probable first."""
+    if probs is None or not len(words):
+        return [[] for _ in range(0 if probs is None else len(probs))]
+    out = []
+    for row in np.asarray(probs, dtype=np.float32):
+        keep = np.flatnonzero(row >= threshold)
+        keep = keep[np.argsort(-row[keep], kind="stable")]
+        out.append([(words[j], float(row[j])) for j in keep])
+    return out
