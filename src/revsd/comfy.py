@@ -33,13 +33,13 @@ one of those negatives was empty, leaving a trailing comma); this module did nei
 
 **The UI's workflow alone** (a file with a ``workflow`` chunk and no ``prompt``): :func:`from_workflow` rebuilds the
 API graph (links, reroutes, bypassed and muted nodes, primitives, subgraphs expanded with the values their node
-sets) and :func:`read` traces it. The UI stores widget
-values by position only: their names come from the node's widget inputs (newer UIs list every widget) or from
-:data:`WIDGETS` (the core nodes the tracer reads); a node whose names are unknown, or whose stored values do not
-match them, contributes no values (nothing is guessed). On 25 public UI workflows stored beside their API export
-(``bench/bench_comfy_workflows.py``) the API graph has a prompt in 16; the UI workflow alone gave the same prompt in
-13, another in 1 (whose API file was edited after export: its prompt is nowhere in the UI file) and none in 2 (a
-custom text encoder the table does not know; a prompt typed into the API file only). Never a prompt the API lacks.
+sets) and :func:`read` traces it. The UI stores widget values by position only: their names come from the node's
+widget inputs (newer UIs list every widget) or from :data:`WIDGETS` (the core nodes the tracer reads); a node whose
+names are unknown, or whose stored values do not match them, contributes no values (nothing is guessed). On 25
+public UI workflows stored beside their API export (``bench/bench_comfy_workflows.py``) the API graph has a prompt
+in 16; the UI workflow alone gave the same prompt in 13, another in 1 (whose API file was edited after export: its
+prompt is nowhere in the UI file) and none in 2 (a custom text encoder the table does not know; a prompt typed into
+the API file only). Never a prompt the API lacks.
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def _expand(nodes: list, links: dict, defs: dict, depth: int = 0) -> tuple[list,
                         m["_values"] = {**m.get("_values", {}), i.get("name"): values.get(name)}
             out.append(m)
         outputs = {r[3]: r[:2] for r in rows.values() if r[2] == SUB_OUT and r[0] != SUB_IN}
-        links.update((k, r) for k, r in rows.items() if SUB_IN not in (r[0], r[2]) and r[2] != SUB_OUT)
+        links.update((k, r) for k, r in rows.items() if r[0] != SUB_IN and r[2] != SUB_OUT)
         for k, r in links.items():
             if r[0] == iid:
                 links[k] = [*outputs.get(r[1], (None, 0)), *r[2:]]
