@@ -116,9 +116,13 @@ def test_word_prior_counts_bank_prompts_and_guard_probs_moves_towards_it(monkeyp
     def no_tagger(*a, **k):
         raise OSError("no spaCy model")
 
-    monkeypatch.setattr("revsd.vocab.label_matrix", no_tagger)
-    with pytest.warns(UserWarning, match="word prior unavailable .*no spaCy model"):
-        assert domain.WordPrior(["a cat"], ["cat", "dog"]).rates.tolist() == [0, 0]  # words fade with in_domain
+    monkeypatch.setattr("revsd.vocab.label_matrix", no_tagger)  # counted once: the cache answers now
+    np.testing.assert_allclose(domain.WordPrior(prompts, ["cat", "dog", "red", "painting"]).rates, wp.rates)
+    for _ in range(2):  # without a tagger the words fade with in_domain, and that is not cached
+        with pytest.warns(UserWarning, match="word prior unavailable .*no spaCy model"):
+            assert domain.WordPrior(["a cat"], ["cat", "dog"]).rates.tolist() == [0, 0]
+    monkeypatch.undo()
+    assert domain.WordPrior(["a cat"], ["cat", "dog"]).rates.tolist() == [1, 0]
     probs = np.array([[0.9, 0.1, 0.8, 0.0], [0.9, 0.1, 0.8, 0.0], [0.9, 0.1, 0.8, 0.0]], np.float32)
     moved = domain.guard_probs(probs, np.array([1.0, 0.0, 0.5]), wp.rates)
     np.testing.assert_allclose(moved[0], probs[0])

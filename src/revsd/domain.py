@@ -35,6 +35,8 @@ changed (a read-only folder: used unsaved).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import random
@@ -45,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from revsd import paths
 from revsd.artifacts import atomic_path, file_sha256, read_json, write_json
 from revsd.images import ImageError, open_rgb
 
@@ -147,7 +150,8 @@ def bank_prior(bank_emb: np.ndarray) -> np.ndarray:
 class WordPrior:
     """The vocabulary head's prior: the share of the prompt bank's prompts holding each word (the vocabulary's own
     lemmatisation, ``revsd.vocab.label_matrix``), i.e. what the head should say of an image it knows nothing of.
-    Counted on first use, on a seeded sample of at most ``max_prompts`` prompts (standard error ≤ 0.011 at 2,000)."""
+    Counted on first use, on a seeded sample of at most ``max_prompts`` prompts (standard error ≤ 0.011 at 2,000),
+    and cached under ``working/cache/word_rates/`` (keyed by those prompts and words: the tagger then loads once)."""
 
     def __init__(self, prompts, words, max_prompts: int = 2000):
         self.prompts, self.words, self.max_prompts = list(prompts), list(words), max_prompts
@@ -156,20 +160,33 @@ class WordPrior:
     @property
     def rates(self) -> np.ndarray:
         if self._rates is None:
-            from revsd import vocab
-
             p = self.prompts
             if len(p) > self.max_prompts:
                 p = [p[i] for i in np.sort(np.random.default_rng(0).choice(len(p), self.max_prompts, replace=False))]
+            key = hashlib.sha256(json.dumps([VERSION, p, self.words]).encode()).hexdigest()[:24]
+            cache = paths.working_dir() / "cache" / "word_rates" / f"{key}.npy"
             try:
-                m = vocab.label_matrix(p, self.words) if p and self.words else None
-            except Exception as e:  # e.g. no spaCy model here: words then fade with in_domain (rates 0)
-                warnings.warn(f"word prior unavailable ({type(e).__name__}: {e}); out-of-domain word "
-                              "probabilities move towards 0", stacklevel=2)
-                m = None
-            self._rates = (np.zeros(len(self.words), np.float32) if m is None
-                           else np.asarray(m.mean(0), dtype=np.float32).ravel())
+                self._rates = np.load(cache)
+            except (OSError, ValueError):
+                self._rates = self._count(p)
+                if self._rates is None:  # not cached: counted again once the tagger is there
+                    self._rates = np.zeros(len(self.words), np.float32)
+                else:
+                    with contextlib.suppress(OSError), atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                        np.save(f, self._rates)
         return self._rates
+
+    def _count(self, prompts: list[str]) -> np.ndarray | None:
+        from revsd import vocab
+
+        if not prompts or not self.words:
+            return np.zeros(len(self.words), np.float32)
+        try:
+            return np.asarray(vocab.label_matrix(prompts, self.words).mean(0), np.float32).ravel()
+        except Exception as e:  # e.g. no spaCy model here: words then fade with in_domain (rates 0)
+            warnings.warn(f"word prior unavailable ({type(e).__name__}: {e}); out-of-domain word "
+                          "probabilities move towards 0", stacklevel=3)
+            return None
 
 
 def guard_probs(probs: np.ndarray, in_domain: np.ndarray, rates: np.ndarray) -> np.ndarray:
