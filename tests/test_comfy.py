@@ -416,6 +416,29 @@ def test_ui_workflow_subgraphs_are_expanded(tmp_path):
     assert comfy.read(comfy.from_workflow(looped))["prompt"] == "a lighthouse at dusk"
 
 
+def test_ui_workflow_subgraph_values_in_the_frontend_1_24_layout():
+    """No ``proxyWidgets``: the instance stores one value per subgraph input that feeds a widget inside, in the
+    subgraph's input order (inner inputs listed in any order, as ComfyUI's frontend test fixtures have them)."""
+    wf = ui_default()
+    _ui_node(wf, 6)["inputs"].append({"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": 30})
+    _ui_node(wf, 3)["inputs"].insert(0, {"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": 31})
+    links = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), ln))
+             for ln in wf["links"] if ln[0] != 9] + [
+        {"id": 30, "origin_id": -10, "origin_slot": 0, "target_id": 6, "target_slot": 1, "type": "STRING"},
+        {"id": 31, "origin_id": -10, "origin_slot": 2, "target_id": 3, "target_slot": 4, "type": "INT"},
+        {"id": 32, "origin_id": 8, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "IMAGE"}]
+    sub = {"id": "sg", "inputs": [{"name": "text", "type": "STRING"}, {"name": "vae", "type": "VAE"},
+                                  {"name": "seed", "type": "INT"}], "outputs": [{"name": "IMAGE", "type": "IMAGE"}],
+           "nodes": [n for n in wf["nodes"] if n["id"] != 9], "links": links}
+    top = {"nodes": [{"id": 11, "type": "sg", "mode": 0, "inputs": [{"name": "vae", "type": "VAE", "link": None}],
+                      "widgets_values": ["Alpha", 5], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [40]}]},
+                     {**_ui_node(wf, 9), "inputs": [{"name": "images", "type": "IMAGE", "link": 40}]}],
+           "links": [[40, 11, 0, 9, 0, "IMAGE"]], "definitions": {"subgraphs": [sub]}}
+    assert comfy.read(comfy.from_workflow(top)) == {**UI_INFO, "prompt": "Alpha", "seed": 5}
+    top["nodes"][0]["widgets_values"] = ["Alpha", 5, 7]  # a value the inputs do not account for: none taken
+    assert comfy.read(comfy.from_workflow(top)) is None
+
+
 def test_concatenation_with_a_run_time_part_claims_nothing():
     """Text boxes ("Text", capitalised) joined by a concatenation node are the prompt; when one part is a tagger's
     output (written at run time from an image) the joined prompt is not in the graph, and no part of it is claimed."""

@@ -255,13 +255,19 @@ def _links(links) -> dict:
     return out
 
 
-def _instance_values(node: dict) -> dict:
+def _instance_values(node: dict, d: dict) -> dict:
     """A subgraph instance's values by subgraph input name: the widgets it promotes (``proxyWidgets`` entries
-    ``["-1", name]``, in the order of its stored values) or its widget inputs (:func:`_widget_values`)."""
+    ``["-1", name]``, in the order of its stored values), its widget inputs (:func:`_widget_values`), or (frontend
+    1.24) one value per subgraph input that feeds a widget inside, in the subgraph's input order."""
     values, proxy = node.get("widgets_values"), (node.get("properties") or {}).get("proxyWidgets")
     if isinstance(values, list) and isinstance(proxy, list) and len(proxy) == len(values):
         return {p[1]: v for p, v in zip(proxy, values) if isinstance(p, list) and len(p) == 2 and str(p[0]) == "-1"}
-    return _widget_values(node)
+    rows = _links(d.get("links"))
+    fed = {rows[i["link"]][1] for m in d.get("nodes") or [] if isinstance(m, dict) for i in m.get("inputs") or []
+           if isinstance(i, dict) and isinstance(i.get("widget"), dict) and isinstance(i.get("link"), (int, str))
+           and rows.get(i["link"], [None])[0] == SUB_IN}
+    names = [i.get("name") for k, i in enumerate(d.get("inputs") or []) if k in fed and isinstance(i, dict)]
+    return _widget_values(node) or (_by_position(names, values) if isinstance(values, list) else {})
 
 
 def _expand(nodes: list, links: dict, defs: dict, depth: int = 0) -> tuple[list, dict]:
@@ -282,7 +288,7 @@ def _expand(nodes: list, links: dict, defs: dict, depth: int = 0) -> tuple[list,
                 for k, (o, os_, t, ts, typ) in rows.items()}
         names = [i.get("name") if isinstance(i, dict) else None for i in d.get("inputs") or []]
         fed = {i.get("name"): i.get("link") for i in n.get("inputs") or [] if isinstance(i, dict)}
-        values = _instance_values(n)
+        values = _instance_values(n, d)
         for m in inner:
             m = {**m, "id": pre(m["id"]), "inputs": [dict(i) for i in m.get("inputs") or [] if isinstance(i, dict)]}
             if n.get("mode") in (MUTED, BYPASSED):
@@ -315,18 +321,21 @@ def _widget_values(node: dict) -> dict:
         return {}
     listed = [i["widget"]["name"] for i in node.get("inputs") or [] if isinstance(i, dict)
               and isinstance(i.get("widget"), dict) and i["widget"].get("name")]
-    for names in (listed, WIDGETS.get(node.get("type"), ())):
-        out, pos = {}, 0
-        for name in names:
-            if pos >= len(values):
-                break
-            out[name] = values[pos]
+    return _by_position(listed, values) or _by_position(WIDGETS.get(node.get("type"), ()), values)
+
+
+def _by_position(names, values: list) -> dict:
+    """``values`` named in order by ``names`` (a seed's "control after generate" value skipped), or ``{}`` unless
+    the names account for every value."""
+    out, pos = {}, 0
+    for name in names:
+        if pos >= len(values):
+            break
+        out[name] = values[pos]
+        pos += 1
+        if "seed" in str(name) and pos < len(values) and isinstance(values[pos], str) and values[pos] in CONTROL:
             pos += 1
-            if "seed" in name and pos < len(values) and isinstance(values[pos], str) and values[pos] in CONTROL:
-                pos += 1
-        if names and len(out) == len(names) and pos == len(values):
-            return out
-    return {}
+    return out if names and len(out) == len(names) and pos == len(values) else {}
 
 
 def from_workflow(wf: dict) -> dict:
