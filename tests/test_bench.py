@@ -58,6 +58,29 @@ def test_bench_comfy_graphs_counts_what_each_parser_finds(tmp_path):
 
 
 
+def test_bench_comfy_subgraphs_reads_workflows_built_from_subgraphs(tmp_path):
+    """Workflows the tests build: the default one packed into a subgraph (its prompt promoted onto the subgraph node),
+    the same with the prompt fed from a primitive outside, one whose promoted values are unnamed (no prompt), and a
+    workflow without subgraphs (skipped)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_comfy import subgraphed, ui_default
+
+    unnamed = subgraphed()
+    unnamed["nodes"][0]["properties"] = {}
+    for name, wf in (("promoted", subgraphed()), ("primitive", subgraphed(text_value="a fox")), ("unnamed", unnamed),
+                     ("flat", ui_default())):
+        (tmp_path / f"{name}.json").write_text(json.dumps(wf))
+    out = tmp_path / "sub.md"
+    assert _load("bench_comfy_subgraphs").main([str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert ("3 workflows with subgraphs: a prompt in 2 now (before expanding subgraphs: 0); every prompt found is a "
+            "text stored in the file: yes; stored on the subgraph node in 1, on another node (inside it) in 1.") in text
+    assert "| promoted | 2 | 1 | 7 | – | prompt | yes | subgraph node | 6/7 |" in text and "flat" not in text
+
+
 def test_bench_comfy_workflows_compares_the_ui_workflow_with_its_api_graph(tmp_path):
     """Pairs the tests build: the default workflow (both read alike), the same with an unknown encoder type in the
     UI (nothing guessed: no prompt from the UI), one without text in either, one whose API file was edited after

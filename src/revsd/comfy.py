@@ -39,7 +39,9 @@ names are unknown, or whose stored values do not match them, contributes no valu
 public UI workflows stored beside their API export (``bench/bench_comfy_workflows.py``) the API graph has a prompt
 in 16; the UI workflow alone gave the same prompt in 13, another in 1 (whose API file was edited after export: its
 prompt is nowhere in the UI file) and none in 2 (a custom text encoder the table does not know; a prompt typed into
-the API file only). Never a prompt the API lacks.
+the API file only). Never a prompt the API lacks. On 4 official templates built from subgraphs
+(``bench/bench_comfy_subgraphs.py``; no API export beside them): a prompt from each (none before subgraphs were
+expanded), each a text stored in the file.
 """
 
 from __future__ import annotations
