@@ -113,6 +113,7 @@ def test_word_prior_counts_bank_prompts_and_guard_probs_moves_towards_it(monkeyp
     assert np.array_equal(sub.rates, domain.WordPrior(many, ["cat", "dog"], max_prompts=60).rates)
     assert np.abs(sub.rates - [0.6, 0.4]).max() < 0.15 and (sub.rates * 60).round(4).tolist() == \
         (sub.rates * 60).round().tolist()  # counted on 60 prompts
+
     def no_tagger(*a, **k):
         raise OSError("no spaCy model")
 
@@ -207,7 +208,7 @@ def test_predict_moves_out_of_domain_photos_to_their_image_prior(demo_like_run, 
         if r["in_domain"] == 1:
             np.testing.assert_allclose(r["embedding"], r["model_embedding"], atol=1e-6)
     # the vocabulary head's words move alike: towards each word's share of the bank's prompts
-    rates = dict(zip(pred.words, domain.WordPrior(prompts, pred.words).rates))
+    rates = dict(zip(pred.words, domain.WordPrior(load_bank(tmp_path / "bank").prompts, pred.words).rates))
     raw_words = [r for r in recs if r["in_domain"] < domain.OUT_OF_DOMAIN and r["model_words"]]
     assert raw_words  # the demo head names its words (e.g. "style") on photos too
     for r in recs:
