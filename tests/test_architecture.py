@@ -20,7 +20,7 @@ LAYERS = {
                "inference", "imagecache"},
     "training": {"engine", "distributed", "inputs", "trainer", "train", "difficulty", "curriculum"},
     "meta": {"blend", "dakl", "report", "submission", "paper_numbers"},
-    "apps": {"predict", "retrieval", "textsearch", "domain", "prior", "clipprior", "sidecars", "metadata", "promptformats", "comfy", "stealth", "importer", "datacli", "generate", "study", "study_tally"},
+    "apps": {"predict", "retrieval", "textsearch", "domain", "prior", "clipprior", "sidecars", "metadata", "promptformats", "comfy", "comfy_workflow", "stealth", "importer", "datacli", "generate", "study", "study_tally"},
     "runners": {"pipeline", "steps", "weightscheck", "cli", "__main__"},
 }
 # which layers a layer may import (its own included); inference (models) and apps never reach training

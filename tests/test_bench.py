@@ -66,7 +66,7 @@ def test_bench_comfy_subgraphs_reads_workflows_built_from_subgraphs(tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_comfy import subgraphed, ui_default
+    from test_comfy_workflow import subgraphed, ui_default
 
     unnamed = subgraphed()
     unnamed["nodes"][0]["properties"] = {}
@@ -89,7 +89,7 @@ def test_bench_comfy_workflows_compares_the_ui_workflow_with_its_api_graph(tmp_p
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_comfy import UI_INFO, ui_default
+    from test_comfy_workflow import UI_INFO, ui_default
     from test_metadata import COMFY_GRAPH
 
     api = json.loads(json.dumps(COMFY_GRAPH))
