@@ -283,3 +283,29 @@ def test_hidream_and_lumina2_encoders():
     wf = ui_default()
     _ui_node(wf, 6).update(type="CLIPTextEncodeLumina2", widgets_values=["alignment", COMFY_PROMPT])
     assert comfy.read(comfy.from_workflow(wf))["prompt"] == COMFY_PROMPT
+
+
+def test_api_graph_of_any_shape_never_raises():
+    """Seeded random damage to API graphs (a field replaced by a value of another type, e.g. a list as a node's
+    class): never an exception, and the untouched graphs still read."""
+    import random
+
+    odd = [None, 1, "x", [], {}, [1, 2], {"a": 1}, ["999", 0], [["1"], 0], 3.5, True]
+
+    def paths(o, p=()):
+        yield p
+        for k, v in (o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()):
+            yield from paths(v, p + (k,))
+
+    rng = random.Random(0)
+    for g in (COMFY_GRAPH, FLUX):
+        spots = list(paths(g))[1:]
+        for _ in range(400):
+            w = copy.deepcopy(g)
+            *where, last = rng.choice(spots)
+            o = w
+            for k in where:
+                o = o[k]
+            o[last] = copy.deepcopy(rng.choice(odd))
+            comfy.read(w)
+        assert comfy.read(g)["prompt"]

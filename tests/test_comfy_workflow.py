@@ -221,7 +221,7 @@ def test_ui_workflow_of_any_shape_never_raises():
                     o = w
                     for k in where:
                         o = o[k]
-                    o[last] = rng.choice(odd)
+                    o[last] = json.loads(json.dumps(rng.choice(odd)))
                 except (KeyError, IndexError, TypeError):  # an earlier change removed this spot
                     pass
             comfy.read(comfy.from_workflow(w))

@@ -97,7 +97,7 @@ def _texts(graph: dict, nid: str | None, role: str, seen: set, named: bool) -> l
     """Every ``role`` (positive/negative) prompt text reachable from a node, upstream texts first. ``named``: the
     path got here through an input named for the role; an unnamed conditioning (a ``BasicGuider``'s) is positive."""
     node = graph.get(nid) if nid is not None else None
-    if nid in seen or not isinstance(node, dict) or node.get("class_type") in NO_TEXT:
+    if nid in seen or not isinstance(node, dict) or str(node.get("class_type")) in NO_TEXT:
         return []
     seen.add(nid)
     inputs = _inputs(graph, nid)
