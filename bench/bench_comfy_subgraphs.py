@@ -22,8 +22,7 @@ from revsd import comfy
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_comfy_graphs import report
-
-SETTINGS = ("model", "seed", "steps", "sampler", "cfg", "width", "height")
+from bench_comfy_workflows import SETTINGS
 
 
 def verdict(wf: dict) -> dict:
