@@ -47,8 +47,6 @@ WIDGETS = {
 CONTROL = {"fixed", "increment", "decrement", "randomize", "increment-wrap"}
 PASS_THROUGH = {"Reroute"}  # UI-only nodes that forward their input's link
 MUTED, BYPASSED = 2, 4  # node modes: left out of the API graph; a bypassed node passes its input of the same type on
-
-
 SUB_IN, SUB_OUT, SUB_DEPTH = -10, -20, 8  # a subgraph's input and output nodes; nesting expanded at most this deep
 
 
