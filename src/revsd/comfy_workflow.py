@@ -95,16 +95,16 @@ def _sub_inputs(d: dict) -> list:
     return [i if isinstance(i, dict) else {} for i in d.get("inputs")] if isinstance(d.get("inputs"), list) else []
 
 
-def _instance_values(node: dict, d: dict) -> dict:
+def _instance_values(node: dict, d: dict, nodes: list[dict], rows: dict) -> dict:
     """A subgraph instance's values by subgraph input name: the widgets it promotes (``proxyWidgets`` entries
     ``["-1", name]``, in the order of its stored values), its widget inputs (:func:`_widget_values`), or (frontend
-    1.24) one value per subgraph input that feeds a widget inside, in the subgraph's input order."""
+    1.24) one value per subgraph input that feeds a widget inside, in the subgraph's input order (``nodes``,
+    ``rows``: the definition's own nodes and links, as :func:`_nodes` and :func:`_links` read them)."""
     values, proxy = node.get("widgets_values"), (node.get("properties") or {}).get("proxyWidgets")
     if isinstance(values, list) and isinstance(proxy, list) and len(proxy) == len(values):
         return {p[1]: v for p, v in zip(proxy, values)
                 if isinstance(p, list) and len(p) == 2 and str(p[0]) == "-1" and isinstance(p[1], str)}
-    rows = _links(d.get("links"))
-    fed = {rows[i["link"]][1] for m in _nodes(d.get("nodes")) for i in m["inputs"]
+    fed = {rows[i["link"]][1] for m in nodes for i in m["inputs"]
            if i["widget"] is not None and rows.get(i["link"], [None])[0] == SUB_IN}
     names = [_text(i.get("name")) for k, i in enumerate(_sub_inputs(d)) if k in fed]
     return _widget_values(node) or (_by_position(names, values) if isinstance(values, list) else {})
@@ -122,12 +122,13 @@ def _expand(nodes: list, links: dict, defs: dict, depth: int = 0) -> tuple[list,
             out.append(n)
             continue
         iid, pre = n["id"], (lambda x, i=n["id"]: f"{i}:{x}")
-        inner, rows = _expand(_nodes(d.get("nodes")), _links(d.get("links")), defs, depth + 1)
+        own_nodes, own_rows = _nodes(d.get("nodes")), _links(d.get("links"))
+        values = _instance_values(n, d, own_nodes, own_rows)
+        inner, rows = _expand(own_nodes, own_rows, defs, depth + 1)
         rows = {pre(k): [o if o == SUB_IN else pre(o), os_, t if t == SUB_OUT else pre(t), ts, typ]
                 for k, (o, os_, t, ts, typ) in rows.items()}
         names = [_text(i.get("name")) for i in _sub_inputs(d)]
         fed = {i["name"]: i["link"] for i in n["inputs"] if i["name"] is not None}
-        values = _instance_values(n, d)
         for m in inner:
             m = {**m, "id": pre(m["id"]), "inputs": [dict(i) for i in m["inputs"]]}
             if n.get("mode") in (MUTED, BYPASSED):

@@ -307,9 +307,10 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
          f"prompts -> {out}")
     with open(out, "w") as f, tqdm(total=len(files), desc="predict", unit="img") as bar:
         prior = image_prior if image_prior is not None else domain.bank_prior(bank.emb)
-        words = domain.WordPrior(bank.prompts, predictor.words) if guard is not None else None
+        word_prior = domain.WordPrior(bank.prompts, predictor.words) if guard is not None else None
         for recs in predict_records(predictor, files, chooser, args.batch_size, args.word_threshold, guard=guard,
-                                    prior=prior, read_metadata=not args.ignore_metadata, word_prior=words):
+                                    prior=prior, read_metadata=not args.ignore_metadata,
+                                    word_prior=word_prior):
             for r in recs:
                 if r["error"]:
                     failed.append(r)
