@@ -84,6 +84,19 @@ def test_cfg_guider_negative_and_text_from_string_nodes():
     assert info["cfg"] == 4.5
 
 
+def test_dual_cfg_guider_negative_stays_negative():
+    """OmniGen2's text-to-image template: ``DualCFGGuider`` with cond1 = the prompt, cond2 = negative = the negative
+    prompt (no input named positive). Before, both were followed as if positive: the negative was appended."""
+    g = copy.deepcopy(FLUX)
+    g["22"] = {"class_type": "DualCFGGuider", "inputs": {"model": ["30", 0], "cond1": ["6", 0], "cond2": ["40", 0],
+                                                         "negative": ["40", 0], "cfg_conds": 5, "cfg_cond2_negative": 2}}
+    g["40"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["11", 0]}}
+    info = comfy.read(g)
+    assert (info["prompt"], info["negative_prompt"]) == (FLUX_PROMPT, "blurry, low quality")
+    g["6"]["inputs"]["text"] = ""  # no positive text: the negative is never taken for it
+    assert comfy.read(g) is None
+
+
 def test_sdxl_encoders_refiner_and_hires_pass():
     """text_g/text_l once each; the first pass (its latent is empty) gives the prompt, not the hires pass."""
     g = copy.deepcopy(COMFY_GRAPH)

@@ -175,6 +175,19 @@ def test_ui_workflow_subgraphs_are_expanded(tmp_path):
     assert comfy.read(comfy.from_workflow(looped))["prompt"] == "a lighthouse at dusk"
 
 
+def test_ui_workflow_subgraph_values_kept_on_the_interior_nodes():
+    """The UI of the 2026 official templates stores no values on a subgraph instance (``widgets_values`` empty, with
+    ``proxyWidgets`` naming interior widgets or ``["-1", name]``): the interior nodes' own values are the ones used."""
+    wf = subgraphed()
+    wf["definitions"]["subgraphs"][1]["nodes"][0]["widgets_values"] = ["a lighthouse inside"]
+    for proxy in ([["16", "text"], ["3", "seed"], ["3", "control_after_generate"]], [["-1", "text"], ["-1", "seed"]]):
+        wf["nodes"][0]["properties"]["proxyWidgets"], wf["nodes"][0]["widgets_values"] = proxy, []
+        assert comfy.read(comfy.from_workflow(wf)) == {**UI_INFO, "prompt": "a lighthouse inside"}
+    wf["nodes"][0]["widgets_values"] = ["the instance's own text", 42]  # values on the instance: only those
+    assert comfy.read(comfy.from_workflow(wf)) == {**UI_INFO, "prompt": "the instance's own text", "seed": 42,
+                                                   "steps": None}
+
+
 def test_ui_workflow_subgraph_values_in_the_frontend_1_24_layout():
     """No ``proxyWidgets``: the instance stores one value per subgraph input that feeds a widget inside, in the
     subgraph's input order (inner inputs listed in any order, as ComfyUI's frontend test fixtures have them)."""

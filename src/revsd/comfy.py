@@ -48,6 +48,8 @@ NOT_CONDITIONING = {"clip", "model", "vae", "image", "images", "pixels", "mask",
                     "noise", "sigmas", "sampler", "unet"}
 NO_TEXT = {"ConditioningZeroOut"}  # conditioning nodes whose output holds none of their input's text
 OTHER = {"positive": "negative", "negative": "positive"}
+# DualCFGGuider's middle condition: cond1 holds the prompt; cond2 an image's or (its text-only templates) the negative
+SECONDARY = {"cond2"}
 LLM_INPUTS = {"temperature", "top_p", "max_tokens", "max_new_tokens"}  # a node sampling text from a language model
 
 
@@ -108,7 +110,8 @@ def _texts(graph: dict, nid: str | None, role: str, seen: set, named: bool) -> l
     else:
         own = [s.strip() for k in TEXT_KEYS if k in inputs and (s := _string(graph, inputs[k], role, set(seen)))]
         own = own if named or role == "positive" else []
-        follow = [(k, named) for k in inputs if k not in NOT_CONDITIONING | set(TEXT_KEYS)]
+        follow = [(k, named or role in k) for k in inputs
+                  if k not in NOT_CONDITIONING | set(TEXT_KEYS) | SECONDARY and OTHER[role] not in k]
     upstream = [t for k, n in follow for t in _texts(graph, _link(graph, inputs[k]), role, seen, n)]
     return upstream + own
 

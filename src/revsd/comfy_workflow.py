@@ -113,7 +113,8 @@ def _instance_values(node: dict, d: dict, nodes: list[dict], rows: dict) -> dict
 def _expand(nodes: list, links: dict, defs: dict, depth: int = 0) -> tuple[list, dict]:
     """``(nodes, links)`` with every subgraph instance replaced by its nodes, recursively: inner ids become
     ``"<instance>:<inner>"`` (as in ComfyUI's API export), an inner input fed by the subgraph's input takes the
-    instance's link or value there (no value: none, never the inner node's stale one), the instance's outputs come
+    instance's link or value there (an instance that stores no values at all, as the 2026 templates save them:
+    the interior node's own; else none, never a stale interior value), the instance's outputs come
     from the inner nodes that feed them, and a muted or bypassed instance mutes or bypasses its nodes."""
     out, links = [], dict(links)
     for n in nodes:
@@ -129,6 +130,7 @@ def _expand(nodes: list, links: dict, defs: dict, depth: int = 0) -> tuple[list,
                 for k, (o, os_, t, ts, typ) in rows.items()}
         names = [_text(i.get("name")) for i in _sub_inputs(d)]
         fed = {i["name"]: i["link"] for i in n["inputs"] if i["name"] is not None}
+        inside = not n.get("widgets_values")  # newer UIs keep the values on the interior nodes, the instance none
         for m in inner:
             m = {**m, "id": pre(m["id"]), "inputs": [dict(i) for i in m["inputs"]]}
             if n.get("mode") in (MUTED, BYPASSED):
@@ -139,7 +141,7 @@ def _expand(nodes: list, links: dict, defs: dict, depth: int = 0) -> tuple[list,
                 if row is not None and row[0] == SUB_IN:
                     name = names[row[1]] if isinstance(row[1], int) and 0 <= row[1] < len(names) else None
                     i["link"] = fed.get(name)
-                    if i["link"] is None and i["name"] is not None:
+                    if i["link"] is None and i["name"] is not None and not inside:
                         m["_values"] = {**m.get("_values", {}), i["name"]: values.get(name)}
             out.append(m)
         outputs = {r[3]: r[:2] for r in rows.values() if r[2] == SUB_OUT and r[0] != SUB_IN and r[3] is not None}
