@@ -245,3 +245,45 @@ def test_predict_moves_out_of_domain_photos_to_their_image_prior(demo_like_run, 
     assert "no image-conditioned prior (RuntimeError: no classifier here)" in err and "bank's mean" in err
     far = [r for r in map(json.loads, out.read_text().splitlines()) if r["in_domain"] < 0.05]
     assert far and all(float(np.dot(r["embedding"], broad)) > 0.99 for r in far)  # chelsea.png at least
+
+
+def test_shift_caps_fire_on_shifted_batches_only():
+    rng = np.random.default_rng(0)
+    fired = [domain.shift_caps(rng.uniform(size=n))[1] is not None for n in (10, 30, 60, 200) for _ in range(250)]
+    assert sum(fired) <= 3  # in-domain batches: uniform p-values, a false alarm at most at the test's level (1e-3)
+    p = np.r_[rng.uniform(0.5, 1, 4), rng.uniform(0, 0.5, 36)]  # 4 of 40 above 1/2 where 20 are expected
+    caps, share = domain.shift_caps(p)
+    assert share == pytest.approx(4 / 20)
+    assert (caps[:4] == 1).all() and np.allclose(caps[4:], 0.2 * 0.5 * 40 / 36)
+    assert domain.shift_caps(np.zeros(1))[1] is None  # one image alone: no batch evidence
+    assert domain.shift_caps(np.zeros(15))[1] == 0.0  # fifteen with nothing above 1/2: all capped at 0
+    assert domain.shift_caps(np.zeros(0))[0].shape == (0,)
+
+
+def test_predict_judges_a_folder_as_a_whole(demo_like_run, prepared_exp, tmp_path, capsys):
+    """scikit-image's photos as one folder: all 15 out of domain, astronaut.png too (alone, a studio portrait sits
+    inside the sample's range); the demo's test split as one folder: no shift found, output as with --each-alone."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from revsd import targets
+
+    photos = [str(Path(skimage_data.__file__).parent / n) for n in SKIMAGE_PHOTOS]
+    ts = targets.load(prepared_exp)
+    test = [str(p) for p in ts.table["image_path"].to_numpy()[ts.rows("test")]]
+
+    def run(files, *flags):
+        out = tmp_path / "preds.jsonl"
+        assert predict.main([*files, "--model", str(demo_like_run), "--out", str(out), "--no-modifiers",
+                             *flags]) == 0
+        return [json.loads(line) for line in out.read_text().splitlines()], capsys.readouterr().err
+
+    recs, err = run(photos)
+    assert all(r["in_domain"] < domain.OUT_OF_DOMAIN for r in recs) and "look shifted" in err
+    alone, err = run(photos, "--each-alone")
+    assert sum(r["in_domain"] < domain.OUT_OF_DOMAIN for r in alone) >= len(photos) - 1 and "shifted" not in err
+    recs, err = run(test)
+    alone, _ = run(test, "--each-alone")
+    assert "shifted" not in err and [r["in_domain"] for r in recs] == [r["in_domain"] for r in alone]
+    truth = ts.emb[ts.rows("test")]
+    model = np.array([r["model_embedding"] for r in recs]) * truth
+    guarded = np.array([r["embedding"] for r in recs]) * truth
+    assert abs(guarded.sum(1).mean() - model.sum(1).mean()) <= 0.002

@@ -363,6 +363,25 @@ def test_embedded_prompts_are_used_exactly(tmp_path, tiny, prompted, small_bank,
     assert code == 0 and {x["prompt_source"] for x in lines} == {"model"} and all(x["metadata"] is None for x in lines)
 
 
+class NoVocabPredictor(TinyPredictor):
+    """A run trained without the vocabulary head (the demo's ``plain`` runs): no words, ``probs`` None."""
+
+    words = []
+
+    def predict(self, images, batch_size=32, with_features=False):
+        emb, _, x = super().predict(images, batch_size, with_features=True)
+        return (emb, None, x) if with_features else (emb, None)
+
+
+def test_a_run_without_a_vocabulary_head(tmp_path, tiny, prompted, small_bank):
+    """Every file failed with ``IndexError`` on such a run (no words per image for the text search)."""
+    tiny["model"] = NoVocabPredictor()
+    code, lines = _run(tmp_path, prompted.values(), bank=small_bank)
+    assert code == 0 and [x["error"] for x in lines] == [None] * 4
+    assert [x["prompt_source"] for x in lines] == ["metadata", "metadata", "model", "model"]
+    assert all(x["prompt"] and x["words"] == x["model_words"] == [] for x in lines)
+
+
 def test_usage_errors_leave_outputs_untouched(tmp_path, tiny, good_images, small_bank, capsys):
     out = tmp_path / "preds.jsonl"
     out.write_text("earlier results\n")

@@ -102,12 +102,13 @@ def _vec(v: np.ndarray) -> list[float]:
 def predict_records(predictor, files: Sequence[Path], chooser: TextChooser | None, batch_size: int = 32,
                     word_threshold: float = 0.5, workers: int = 4, guard: domain.DomainGuard | None = None,
                     prior: np.ndarray | None = None, read_metadata: bool = True,
-                    word_prior: domain.WordPrior | None = None) -> Iterator[list[dict]]:
+                    word_prior: domain.WordPrior | None = None, shift: dict | None = None) -> Iterator[list[dict]]:
     """Yield one list of JSON-ready records per batch of ``files`` (input order; failures carry ``error``).
 
     ``guard`` + ``prior``: give ``in_domain`` and move out-of-domain embeddings towards ``prior`` (a vector, or
     ``prior(images, feats) -> (n, D)``: ``revsd.prior.ImagePrior``); ``word_prior``: move their word
-    probabilities alike (``words``; ``model_words`` keeps the head's own).
+    probabilities alike (``words``; ``model_words`` keeps the head's own). ``shift``: a dict to judge the files
+    together too (:func:`revsd.domain.shift_caps` over every image read so far; it holds ``p`` and ``share``).
     ``read_metadata``: use the exact prompt a file carries (``prompt_source: "metadata"``)."""
     side = min_side(predictor)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -119,7 +120,7 @@ def predict_records(predictor, files: Sequence[Path], chooser: TextChooser | Non
             if ok:
                 try:
                     _fill(predictor, [loaded[i] for i in ok], [recs[i] for i in ok], chooser, batch_size,
-                          word_threshold, guard, prior, word_prior)
+                          word_threshold, guard, prior, word_prior, shift)
                 except Exception as e:  # a failing batch is reported per image; the next batch still runs
                     for i in ok:
                         recs[i].update(_blank(chunk[i], f"{chunk[i]}: prediction failed ({type(e).__name__}: {e})",
@@ -127,30 +128,23 @@ def predict_records(predictor, files: Sequence[Path], chooser: TextChooser | Non
             yield recs
 
 
-def _priors(prior, imgs, feats, ind) -> np.ndarray:
-    """``prior`` itself (a vector), or the image prior of each image the guard moves (in_domain < 1; zeros else)."""
-    if not callable(prior):
-        return prior
-    out = np.zeros((len(imgs), len(prior.broad)), np.float32)
-    need = np.flatnonzero(ind < 1)
-    if len(need):
-        out[need] = prior([imgs[i] for i in need], feats[need])
-    return out
-
-
-def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, prior, word_prior) -> None:
+def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, prior, word_prior, shift) -> None:
     imgs = [img for img, _, _ in loaded]
     if guard is not None:
         raw, probs, feats = predictor.predict(imgs, batch_size=batch_size, with_features=True)
         ind = guard.in_domain(feats)
-        emb = domain.guard(raw, ind, _priors(prior, imgs, feats, ind))
+        if shift is not None:
+            shift.setdefault("p", []).extend(guard.p_values(guard.score(feats)))
+            caps, shift["share"] = domain.shift_caps(shift["p"])
+            ind = np.minimum(ind, caps[-len(imgs):])
+        emb = domain.guard(raw, ind, domain.priors_for(prior, imgs, feats, ind))
     else:
         (raw, probs), ind = predictor.predict(imgs, batch_size=batch_size), None
         emb = raw.copy()
     infos = [meta.info if meta else None for _, meta, _ in loaded]
     from_meta = [j for j, info in enumerate(infos) if info and (info.get("prompt") or "").strip()]
     emb[from_meta] = encode([infos[j]["prompt"] for j in from_meta])  # (none: an empty array, no model loaded)
-    model_words = words = confident_words(probs, predictor.words, word_threshold)
+    model_words = words = confident_words(probs, predictor.words, word_threshold, len(imgs))
     if ind is not None and probs is not None and word_prior is not None and (ind < 1).any():
         words = confident_words(domain.guard_probs(probs, ind, word_prior.rates), predictor.words, word_threshold)
     if from_meta and probs is not None:  # a prompt read from the file: its own vocabulary words (prob 1)
@@ -198,6 +192,8 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"the guard's strictness (default: the run's, {domain.ALPHA}): images beyond the (1 - A) "
                     "quantile of the run's own held-out scores move towards the prior; larger A moves more images, in "
                     "domain ones too (trade-off: bench/results/guard_scores.md)")
+    ap.add_argument("--each-alone", action="store_true", help="guard each image on its own, not also the files "
+                    "as a batch (a folder whose images are shifted as a whole: revsd.domain.shift_caps)")
     ap.add_argument("--broad-prior", action="store_true", help="guard towards the bank's mean embedding, not "
                     "the image-conditioned prior (ImageNet classes -> bank prompts, revsd.prior)")
     ap.add_argument("--txt", action="store_true", help="write the prompt to <image>.txt next to each image")
@@ -217,6 +213,8 @@ def _check(args) -> None:
         raise UsageError(f"--k must be ≥ 1, got {args.k}")
     if not 0.0 <= args.word_threshold <= 1.0:
         raise UsageError(f"--word-threshold must be within 0..1, got {args.word_threshold}")
+    if args.each_alone and args.no_guard:
+        raise UsageError("--each-alone is a way of guarding; it cannot go with --no-guard")
     if a is not None and (args.no_guard or not 0.0 < a < 1.0):
         raise UsageError("--guard-alpha sets the domain guard's strictness; it cannot go with --no-guard"
                          if args.no_guard else f"--guard-alpha must be within 0..1 (exclusive), got {a}")
@@ -308,9 +306,10 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
     with open(out, "w") as f, tqdm(total=len(files), desc="predict", unit="img") as bar:
         prior = image_prior if image_prior is not None else domain.bank_prior(bank.emb)
         word_prior = domain.WordPrior(bank.prompts, predictor.words) if guard is not None else None
+        shift = None if args.each_alone else {}
         for recs in predict_records(predictor, files, chooser, args.batch_size, args.word_threshold, guard=guard,
                                     prior=prior, read_metadata=not args.ignore_metadata,
-                                    word_prior=word_prior):
+                                    word_prior=word_prior, shift=shift):
             for r in recs:
                 if r["error"]:
                     failed.append(r)
@@ -333,6 +332,8 @@ def _run(args, files, skipped_txt, model_dir: Path, out: Path, written: list) ->
     dt = time.perf_counter() - t0
     towards = "the image-conditioned prior" if image_prior is not None else "the bank's mean"
     strict = f", guard alpha {guard.alpha:g}" if guard is not None and args.guard_alpha is not None else ""
+    share = (shift or {}).get("share")
+    strict += "" if share is None else f"; the files as a whole look shifted, in-domain share ≈ {share:.2f}"
     guarded = (f", {n_out} out of domain (in_domain < {domain.OUT_OF_DOMAIN}{strict}: moved towards {towards})"
                if guard is not None else ", no domain guard")
     _say(f"revsd predict: {n_ok} ok, {len(failed)} failed{guarded}, {n_meta} prompt(s) from file metadata, "

@@ -383,10 +383,12 @@ def prompt_words(prompts: Sequence[str], words: Sequence[str]) -> list[list[str]
         else [[] for _ in prompts]
 
 
-def confident_words(probs: np.ndarray | None, words: Sequence[str], threshold: float) -> list[list[tuple[str, float]]]:
-    """Per image, ``(word, prob)`` with ``prob >= threshold``, most probable first."""
+def confident_words(probs: np.ndarray | None, words: Sequence[str], threshold: float,
+                    n: int = 0) -> list[list[tuple[str, float]]]:
+    """Per image, ``(word, prob)`` with ``prob >= threshold``, most probable first; ``probs`` None (a run without a
+    vocabulary head): ``n`` empty lists."""
     if probs is None or not len(words):
-        return [[] for _ in range(0 if probs is None else len(probs))]
+        return [[] for _ in range(n if probs is None else len(probs))]
     out = []
     for row in np.asarray(probs, dtype=np.float32):
         keep = np.flatnonzero(row >= threshold)
