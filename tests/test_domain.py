@@ -258,6 +258,10 @@ def test_shift_caps_fire_on_shifted_batches_only():
     assert domain.shift_caps(np.zeros(1))[1] is None  # one image alone: no batch evidence
     assert domain.shift_caps(np.zeros(15))[1] == 0.0  # fifteen with nothing above 1/2: all capped at 0
     assert domain.shift_caps(np.zeros(0))[0].shape == (0,)
+    # a large in-domain batch whose share below the calibration median is off by the median's own noise (238
+    # calibration scores: sd 0.032): not a shift once that noise counts
+    p = np.r_[np.full(2350, 0.75), np.full(2650, 0.25)]
+    assert domain.shift_caps(p)[1] is not None and domain.shift_caps(p, n_cal=238)[1] is None
 
 
 def test_predict_judges_a_folder_as_a_whole(demo_like_run, prepared_exp, tmp_path, capsys):

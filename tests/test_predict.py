@@ -390,7 +390,8 @@ def test_usage_errors_leave_outputs_untouched(tmp_path, tiny, good_images, small
              (["--out", str(out), "--k", "0"], "--k"), (["--out", str(out), "--word-threshold", "2"], "0..1"),
              (["--out", str(out), "--kaggle-submission", str(tmp_path)], "is a folder"),
              (["--out", str(out), "--guard-alpha", "0"], "--guard-alpha must be within 0..1"),
-             (["--out", str(out), "--guard-alpha", "0.1", "--no-guard"], "cannot go with --no-guard")]
+             (["--out", str(out), "--guard-alpha", "0.1", "--no-guard"], "cannot go with --no-guard"),
+             (["--out", str(out), "--each-alone", "--no-guard"], "--each-alone is a way of guarding")]
     for extra, why in cases:
         assert predict.main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip()

@@ -24,8 +24,8 @@ on other images, and then a constant scores better than the model (issue 13). Th
   and predict scored 0.37 where the bank's mean scores 0.50: their portraits and scenes look like the sample's
   styled portraits to an ImageNet network, and no single-image score of ``bench/bench_guard_scores.py`` (nor a
   union over every block's channel statistics, at a test cost of 0.012) separated them. Their p-values do: 3 of 34
-  above ½ where an in-domain folder has half. A binomial test on that count (level 10⁻³) and Storey's two-group
-  estimate of the in-domain share then cap each image's ``in_domain``;
+  above ½ where an in-domain folder has half. A test on that count (level 10⁻³) and Storey's two-group estimate
+  of the in-domain share then cap each image's ``in_domain``;
 - **guard**: ``normalize(in_domain · model + (1 − in_domain) · prior)``, ``prior`` the mean embedding of the
   prompt bank (the constant that beats an out-of-domain model) or, in ``revsd predict``, each image's
   image-conditioned prior (``revsd.prior``); the vocabulary head's word probabilities move alike, towards each
@@ -64,7 +64,7 @@ ALPHA = 0.005  # in-domain images beyond the calibration (1 - ALPHA) quantile st
 MAX_REF, MAX_VAL = 5000, 2000  # rows kept (seeded sample) from big training / validation splits
 FOLDS = 5  # cross-fitting folds of the calibration (frozen backbones)
 OUT_OF_DOMAIN = 0.5  # in_domain below this counts as "out of domain" in predict's summary
-LAMBDA, SHIFT_LEVEL = 0.5, 1e-3  # the batch shift test (:func:`shift_caps`): p-value split, binomial test level
+SHIFT_LEVEL = 1e-3  # the batch shift test's level (:func:`shift_caps`)
 FILES = ("domain.npz", "domain.json")
 VERSION = 3
 
@@ -119,13 +119,17 @@ class DomainGuard:
         self.val_scores = np.asarray(s, dtype=np.float32)
         return self
 
+    @property
+    def n_calibration(self) -> int | None:
+        return None if self.val_scores is None else len(self.val_scores)
+
     def score(self, feats: np.ndarray) -> np.ndarray:
         """Norm of the part of the (unit, centred) features outside the training subspace, (n,) float32."""
         y = _unit(feats) - self.mean
         return np.linalg.norm(y - (y @ self.components.T) @ self.components, axis=1).astype(np.float32)
 
     def p_values(self, s: np.ndarray) -> np.ndarray:
-        """``P(Z ≥ z)`` per score: uniform on 0..1 for images of the training distribution."""
+        """``P(Z ≥ z)`` per score (about uniform for training-like images; ½ at the calibration median)."""
         z = (np.asarray(s, dtype=np.float64) - self.median) / self.scale
         return np.array([0.5 * math.erfc(v / math.sqrt(2)) for v in z])
 
@@ -146,25 +150,25 @@ class DomainGuard:
                 float((self.in_domain_from_scores(val) >= 1).mean())}
 
 
-def shift_caps(p: np.ndarray, lam: float = LAMBDA, level: float = SHIFT_LEVEL) -> tuple[np.ndarray, float | None]:
+def shift_caps(p: np.ndarray, n_cal: int | None = None, level: float = SHIFT_LEVEL) -> tuple[np.ndarray, float | None]:
     """The batch view of the guard: caps on ``in_domain`` for images judged together (``p``: their p-values, in
     order), and the batch's estimated in-domain share (``None``: no shift found).
 
-    Images of the training distribution have uniform p-values, so about half of a batch of them lies above
-    ``lam`` = ½. Far fewer (binomial tail probability below ``level``) means the batch as a whole comes from
-    elsewhere, even where each image alone is unremarkable (another generator's portraits look like the demo's).
-    Then, by Storey's two-group estimate, the batch's in-domain share is ``π = #{p > lam} / ((1 − lam) n)``, and an
-    image with ``p ≤ lam`` is in domain with probability ``π · lam · n / #{p ≤ lam}`` (its cap); images above ``lam``
-    keep theirs."""
-    from scipy.stats import binom
-
+    ``p > ½`` means a score below the calibration median, so half of a batch of training-like images lies there,
+    whatever the scores' distribution. Far fewer (one-sided test at ``level``; the count's variance is the
+    binomial n/4 plus n²/(4 ``n_cal``) for the calibration median's own uncertainty, so a large in-domain batch
+    does not trip it) means the batch as a whole comes from elsewhere, even where each image alone is unremarkable
+    (another generator's portraits look like the demo's). Then, by Storey's two-group estimate (λ = ½), the
+    batch's in-domain share is ``π = #{p > ½} / (n/2)``, and an image with ``p ≤ ½`` is in domain with probability
+    ``π · (n/2) / #{p ≤ ½}`` (its cap); images above ½ keep theirs."""
     p = np.asarray(p, dtype=np.float64)
-    n, above = len(p), int((p > lam).sum())
+    n, above = len(p), int((p > 0.5).sum())
     caps = np.ones(n, np.float32)
-    if n == 0 or binom.cdf(above, n, 1.0 - lam) >= level:
+    var = n / 4 + (n * n / (4 * n_cal) if n_cal else 0.0)
+    if n == 0 or 0.5 * math.erfc(-(above + 0.5 - n / 2) / math.sqrt(2 * var)) >= level:
         return caps, None
-    share = min(1.0, above / ((1.0 - lam) * n))
-    caps[p <= lam] = min(1.0, share * lam * n / max(n - above, 1))
+    share = min(1.0, above / (n / 2))
+    caps[p <= 0.5] = min(1.0, share * (n / 2) / max(n - above, 1))
     return caps, share
 
 

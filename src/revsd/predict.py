@@ -135,7 +135,7 @@ def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, p
         ind = guard.in_domain(feats)
         if shift is not None:
             shift.setdefault("p", []).extend(guard.p_values(guard.score(feats)))
-            caps, shift["share"] = domain.shift_caps(shift["p"])
+            caps, shift["share"] = domain.shift_caps(shift["p"], guard.n_calibration)
             ind = np.minimum(ind, caps[-len(imgs):])
         emb = domain.guard(raw, ind, domain.priors_for(prior, imgs, feats, ind))
     else:
