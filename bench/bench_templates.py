@@ -84,8 +84,8 @@ def read_prompts(items: list[dict]) -> list[dict]:
         stored = t["prompt"] is not None and ("yes" if json.dumps(t["prompt"])[1:-1] in text else "joined" if all(
             json.dumps(p)[1:-1] in text for p in t["prompt"].split(", ")) else "NO")
         rows.append({"template": t["name"], "category": t["category"], "models": t["models"],
-                     "prompt": "found" if t["prompt"] else "–", "stored in the file": stored or "", "negative": "found" if (info or {}).get("negative_prompt")
-                     else "–"})
+                     "prompt": "found" if t["prompt"] else "–", "stored in the file": stored or "",
+                     "negative": "found" if (info or {}).get("negative_prompt") else "–"})
     return rows
 
 
