@@ -56,14 +56,14 @@ def templates(folder: Path) -> list[dict]:
     """The text-only image templates: name, category, models, workflow (dict) and thumbnail bytes."""
     wj, wm = _wheel(folder, "comfyui_workflow_templates_json"), _wheel(folder, "comfyui_workflow_templates_media_image")
     jroot, mroot = "comfyui_workflow_templates_json/templates/", "comfyui_workflow_templates_media_image/templates/"
-    thumbs = set(wm.namelist())
+    thumbs, workflows = set(wm.namelist()), set(wj.namelist())
     out = []
     for cat in json.loads(wj.read(jroot + "index.json")):
         for t in cat.get("templates", []):
             name = t["name"]
             thumb, wf = f"{mroot}{name}-1.webp", f"{jroot}{name}.json"
             if (t.get("mediaType") != "image" or name.startswith("api_") or t.get("thumbnailVariant")
-                    or thumb not in thumbs or wf not in wj.namelist()):
+                    or thumb not in thumbs or wf not in workflows):
                 continue
             w = json.loads(wj.read(wf))
             nodes = list(w.get("nodes") or []) + [n for d in (w.get("definitions") or {}).get("subgraphs") or []

@@ -132,9 +132,9 @@ def _fill(predictor, loaded, recs, chooser, batch_size, word_threshold, guard, p
     imgs = [img for img, _, _ in loaded]
     if guard is not None:
         raw, probs, feats = predictor.predict(imgs, batch_size=batch_size, with_features=True)
-        ind = guard.in_domain(feats)
+        ind = guard.in_domain_from_scores(scores := guard.score(feats))
         if shift is not None:
-            shift.setdefault("p", []).extend(guard.p_values(guard.score(feats)))
+            shift.setdefault("p", []).extend(guard.p_values(scores))
             caps, shift["share"] = domain.shift_caps(shift["p"], guard.n_calibration)
             ind = np.minimum(ind, caps[-len(imgs):])
         emb = domain.guard(raw, ind, domain.priors_for(prior, imgs, feats, ind))
